@@ -1,0 +1,115 @@
+"""``genderrec`` subcommands: parse arguments, build the config, call the library (nothing else lives here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from genderrec import storage
+from genderrec.config import ConfigError, load_config
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO/Ceph/R2); default: AWS")
+    parser.add_argument("--s3-region", help="S3 region")
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute, so that Ray workers (with another working directory) find them."""
+    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to a cluster (``address``/``RAY_ADDRESS``, as under ``ray job submit``) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        env_vars = storage.s3_env_vars()
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+
+
+def cmd_prepare_celeba(args) -> int:
+    from genderrec import manifest
+
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    frame, skipped = manifest.build_manifest(
+        args.celeba_dir,
+        split=args.split,
+        subset=args.subset,
+        fractions=tuple(args.fractions),
+        seed=args.seed,
+        skip_missing=args.skip_missing,
+    )
+    manifest.write_manifest(
+        frame, args.out, metadata={"genderrec.split": args.split, "genderrec.seed": str(args.seed)}
+    )
+    if skipped:
+        report = args.out + ".skipped.csv"
+        import pandas as pd
+
+        storage.write_text(report, pd.DataFrame(skipped).to_csv(index=False))
+        print(f"skipped {len(skipped)} item(s), listed in {report}")
+    counts = frame.groupby("split")["male"].agg(["count", "mean"]).round(3)
+    print(f"wrote {args.out}: {len(frame)} images\n{counts.to_string()}")
+    return 0
+
+
+def cmd_train_all(args) -> int:
+    from genderrec import comparison
+
+    overrides = list(args.set or [])
+    if args.celeba_dir:
+        overrides.append(f"data.celeba_dir={_absolute(args.celeba_dir)}")
+    if args.manifest:
+        overrides.append(f"data.manifest={_absolute(args.manifest)}")
+    if args.storage_path:
+        overrides.append(f"run.storage_path={args.storage_path}")
+    cfg = load_config(args.config, overrides)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": _absolute(cfg.run.storage_path)})})
+    storage.configure_s3(cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    init_ray(cfg.resources.address)
+    run_dir = comparison.train_all(cfg)
+    print(storage.read_text(storage.join(run_dir, "leaderboard.md")))
+    print(f"run directory: {run_dir}\nselected model: {storage.join(run_dir, 'selected')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genderrec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare-celeba", help="CelebA folder (local or s3://) → Parquet manifest")
+    prepare.add_argument("--celeba-dir", required=True, help="folder holding CelebA's official layout")
+    prepare.add_argument("--out", required=True, help="manifest path (local or s3://)")
+    prepare.add_argument("--split", choices=["identity", "seed", "official"], default="identity")
+    prepare.add_argument("--subset", type=int, help="stratified random subset of N images")
+    prepare.add_argument("--fractions", type=float, nargs=3, default=[0.64, 0.16, 0.20], metavar=("TRAIN", "VAL", "TEST"))
+    prepare.add_argument("--seed", type=int, default=42)
+    prepare.add_argument("--skip-missing", action="store_true", help="skip (and list) items with missing files/rows")
+    _storage_flags(prepare)
+    prepare.set_defaults(func=cmd_prepare_celeba)
+
+    train = commands.add_parser("train-all", help="train and compare every (architecture, mode) on Ray")
+    train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument("--celeba-dir", help="CelebA folder (overrides data.celeba_dir)")
+    train.add_argument("--manifest", help="prepared manifest (overrides data.manifest)")
+    train.add_argument("--storage-path", help="where runs go, local or s3:// (overrides run.storage_path)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=1")
+    train.set_defaults(func=cmd_train_all)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"genderrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Typed, strict configuration: every YAML the user edits is validated here.
+
+Unknown or misspelled keys are errors (a silently ignored ``learning_rat`` would waste a GPU-day).
+``${VAR}`` and ``${VAR:-default}`` in YAML values are expanded from the environment, and
+``key.sub=value`` overrides (from the command line) are applied before validation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ARCHITECTURES = ("vgg16", "vgg19", "googlenet", "resnet50", "resnet101")
+MODES = ("fine_tune", "transfer")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the faces come from and how they are split and sized."""
+
+    celeba_dir: str | None = None
+    manifest: str | None = None
+    split: Literal["seed", "identity", "official"] = "identity"
+    subset: int | None = Field(default=None, gt=0)
+    fractions: tuple[float, float, float] = (0.64, 0.16, 0.20)
+    seed: int = 42
+    image_size: tuple[int, int] = (218, 178)
+    crop_box: tuple[int, int, int, int] | None = None
+    cache: bool = True
+    skip_missing: bool = False
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value):
+        if abs(sum(value) - 1.0) > 1e-6 or min(value) < 0:
+            raise ValueError(f"train/val/test fractions must be >= 0 and sum to 1, got {value}")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_large_enough(cls, value):
+        if min(value) < 32:
+            raise ValueError(f"image_size (height, width) must be at least 32x32, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_source(self):
+        if not self.celeba_dir and not self.manifest:
+            raise ValueError("set data.celeba_dir (CelebA folder) or data.manifest (a prepared Parquet manifest)")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """The notebook's augmentation, applied to the training split only."""
+
+    rotation_degrees: float = Field(default=20.0, ge=0)
+    shift: float = Field(default=0.2, ge=0, lt=1)
+    zoom: float = Field(default=0.0, ge=0, lt=1)
+    horizontal_flip: bool = True
+
+
+class HeadConfig(_Strict):
+    """Classifier head on top of every backbone (shared, never copied per architecture)."""
+
+    pooling: Literal["flatten", "avg"] = "flatten"
+    dense_units: int = Field(default=256, ge=0)
+    dropout: float = Field(default=0.5, ge=0, lt=1)
+
+
+class ModelsConfig(_Strict):
+    """Which (architecture, mode) runs to train, and where backbone weights come from.
+
+    ``weights`` is ``imagenet``, ``none`` or a local/``s3://`` weights file, either for all
+    architectures or as a mapping ``{architecture: source}`` (key ``default`` for the rest).
+    """
+
+    architectures: tuple[str, ...] = ARCHITECTURES
+    modes: tuple[Literal["fine_tune", "transfer"], ...] = MODES
+    weights: str | dict[str, str] = "imagenet"
+    head: HeadConfig = HeadConfig()
+
+    @field_validator("architectures")
+    @classmethod
+    def _known_architectures(cls, value):
+        unknown = [name for name in value if name not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"unknown architectures {unknown}; choose from {list(ARCHITECTURES)}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weight_keys(cls, value):
+        if isinstance(value, dict):
+            unknown = [key for key in value if key != "default" and key not in ARCHITECTURES]
+            if unknown:
+                raise ValueError(f"weights has unknown architectures {unknown}")
+        return value
+
+    def weights_for(self, architecture: str) -> str:
+        if isinstance(self.weights, str):
+            return self.weights
+        return self.weights.get(architecture, self.weights.get("default", "imagenet"))
+
+
+class EarlyStoppingConfig(_Strict):
+    monitor: str = "val_accuracy"
+    patience: int = Field(default=5, ge=1)
+
+
+class TrainingConfig(_Strict):
+    """One run's recipe (the notebook's by default)."""
+
+    epochs: int = Field(default=25, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    class_weight: Literal["balanced", "none"] = "balanced"
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+    inference_timing_images: int = Field(default=1000, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources for each run; one Ray Train worker per run (Keras 3 has no multi-worker strategy)."""
+
+    use_gpu: bool = False
+    cpus_per_run: float = Field(default=1.0, gt=0)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+    address: str | None = None
+
+
+class SelectionConfig(_Strict):
+    """How train_all picks the model that labeling and serving load."""
+
+    metric: Literal["test_accuracy", "test_auc", "best_val_accuracy"] = "test_accuracy"
+    tolerance: float = Field(default=0.005, ge=0)
+    pin: str | None = None
+
+    @field_validator("pin")
+    @classmethod
+    def _pin_names_a_run(cls, value):
+        if value is not None:
+            arch, _, mode = value.partition("/")
+            if arch not in ARCHITECTURES or mode not in MODES:
+                raise ValueError(f"pin must look like 'resnet50/fine_tune', got {value!r}")
+        return value
+
+
+class RunConfig(_Strict):
+    """Where results go: ``<storage_path>/<name>/`` (a local folder or ``s3://bucket/prefix``)."""
+
+    storage_path: str = "runs"
+    name: str = "celeba"
+
+
+class StorageConfig(_Strict):
+    """S3 endpoint override for MinIO/Ceph/R2; credentials always come from the standard AWS chain."""
+
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+
+class Config(_Strict):
+    data: DataConfig
+    augment: AugmentConfig = AugmentConfig()
+    models: ModelsConfig = ModelsConfig()
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    selection: SelectionConfig = SelectionConfig()
+    run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _pin_is_trained(self):
+        pin = self.selection.pin
+        if pin:
+            arch, _, mode = pin.partition("/")
+            if arch not in self.models.architectures or mode not in self.models.modes:
+                raise ValueError(f"selection.pin {pin!r} is not among the configured runs")
+        if "googlenet" in self.models.architectures and self.models.weights_for("googlenet") == "imagenet":
+            raise ValueError(
+                "googlenet has no official Keras ImageNet weights: set models.weights.googlenet to a "
+                "weights file (local or s3://) or to 'none'"
+            )
+        return self
+
+
+_ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _expand_env(value):
+    if isinstance(value, str):
+
+        def replace(match):
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set (used as ${{{name}}})")
+            return default
+
+        return _ENV_PATTERN.sub(replace, value)
+    if isinstance(value, dict):
+        return {key: _expand_env(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(item) for item in value]
+    return value
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config mapping, in place."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, expand, override and validate a YAML config; errors name the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_config(_expand_env(raw), source=str(path))
+
+
+def parse_config(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '<top>'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,60 @@
+"""Leaderboard → the selected model; model cards; loading a model by path or URI.
+
+A model directory (local or ``s3://``) holds ``model.keras`` and ``card.json``; labeling and serving
+load any such directory, usually ``<run>/selected``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from genderrec import storage
+from genderrec.config import SelectionConfig
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "card.json"
+CLASS_NAMES = ("female", "male")
+
+
+def select(board: pd.DataFrame, rule: SelectionConfig) -> tuple[pd.Series, str]:
+    """Pick a run: the pinned one, else the best ``rule.metric``; near-ties go to the faster model."""
+    if rule.pin:
+        architecture, _, mode = rule.pin.partition("/")
+        chosen = board[(board["architecture"] == architecture) & (board["mode"] == mode)]
+        if chosen.empty:
+            raise ValueError(f"pinned run {rule.pin} is not on the leaderboard")
+        return chosen.iloc[0], f"pinned in the config ({rule.pin})"
+    best = board[rule.metric].max()
+    contenders = board[board[rule.metric] >= best - rule.tolerance]
+    chosen = contenders.sort_values("inference_ms_per_1000").iloc[0]
+    reason = f"best {rule.metric} ({best:.4f})"
+    if len(contenders) > 1:
+        reason = (
+            f"fastest of {len(contenders)} runs within {rule.tolerance} of the best {rule.metric} ({best:.4f}); "
+            "their differences are within the tolerance"
+        )
+    return chosen, reason
+
+
+def write_card(model_dir: str, card: dict) -> None:
+    storage.write_text(storage.join(model_dir, CARD_FILE), json.dumps(card, indent=2, sort_keys=True))
+
+
+def read_card(model_dir: str) -> dict:
+    uri = storage.join(model_dir, CARD_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{model_dir}: no {CARD_FILE} (expected a model directory written by train_all)")
+    return json.loads(storage.read_text(uri))
+
+
+def load_selected(model_dir: str):
+    """Load ``(keras model, card)`` from a model directory (local or ``s3://``)."""
+    from genderrec import models
+
+    card = read_card(model_dir)
+    model_uri = storage.join(model_dir, MODEL_FILE)
+    if not storage.exists(model_uri):
+        raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE}")
+    return models.load_model(model_uri), card

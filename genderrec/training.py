@@ -1,0 +1,261 @@
+"""One training run as a Ray Train loop, and the Tune grid that runs every (architecture, mode) at once.
+
+Each run is a ``TensorflowTrainer`` with one worker (Keras 3 has no multi-worker strategy). Every epoch
+the worker reports its metrics and a checkpoint (the model with optimizer state plus a small JSON of
+history and early-stopping state), so a killed worker resumes from its last epoch. Ray keeps the best
+checkpoint by the monitored metric: that is the run's best model ("restore best weights").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from genderrec import images, storage
+from genderrec.config import Config, parse_config
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+
+
+def class_weights(labels) -> dict[int, float]:
+    """Balanced class weights (as scikit-learn's ``compute_class_weight('balanced')``)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(labels).astype(int)
+    weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels)
+    return {0: float(weights[0]), 1: float(weights[1])}
+
+
+def monitor_mode(metric: str) -> str:
+    return "min" if "loss" in metric else "max"
+
+
+def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
+    """Adam (or AdamW with weight decay), optional warmup+cosine schedule, BCE, accuracy and ROC-AUC."""
+    import keras
+
+    training = cfg.training
+    learning_rate = training.learning_rate
+    if training.schedule == "cosine":
+        warmup_steps = training.warmup_epochs * steps_per_epoch
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup_steps else training.learning_rate,
+            decay_steps=max(1, training.epochs * steps_per_epoch - warmup_steps),
+            warmup_target=training.learning_rate if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
+    if training.weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=training.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=training.label_smoothing),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def configure_threads(cpus: float) -> None:
+    """Keep TensorFlow within the CPUs Ray gave this worker (it would otherwise use every core)."""
+    import tensorflow as tf
+
+    threads = max(1, int(round(cpus)))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+
+
+def _report_callback(cfg: Config, state: dict):
+    """A Keras callback that reports every epoch to Ray Train with a checkpoint, and does early stopping."""
+    import keras
+    import ray.train
+
+    monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
+    patience = cfg.training.early_stopping.patience if cfg.training.early_stopping else None
+    better = (lambda a, b: a < b) if monitor_mode(monitor) == "min" else (lambda a, b: a > b)
+
+    class ReportCheckpoint(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            metrics = {key: float(value) for key, value in (logs or {}).items()}
+            if monitor not in metrics:
+                raise ValueError(f"early_stopping.monitor {monitor!r} is not a reported metric: {sorted(metrics)}")
+            state["train_seconds"] += time.perf_counter() - self.started
+            state["epoch"] = epoch + 1
+            state["history"].append({"epoch": epoch + 1, **metrics})
+            if state["best"] is None or better(metrics[monitor], state["best"]):
+                state["best"], state["best_epoch"], state["wait"] = metrics[monitor], epoch + 1, 0
+            else:
+                state["wait"] += 1
+            if patience is not None and state["wait"] >= patience:
+                self.model.stop_training = True
+            with tempfile.TemporaryDirectory(prefix="genderrec-ckpt-") as tmp:
+                self.model.save(os.path.join(tmp, MODEL_FILE))
+                Path(tmp, STATE_FILE).write_text(json.dumps(state))
+                ray.train.report(
+                    {**metrics, "epoch": epoch + 1, "train_seconds": state["train_seconds"]},
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                )
+
+    return ReportCheckpoint()
+
+
+def train_run(loop_config: dict) -> dict:
+    """Ray Train worker loop for one (architecture, mode); returns the run's history and state."""
+    import keras
+    import ray.train
+
+    from genderrec import models
+
+    cfg = parse_config(loop_config["config"])
+    architecture, mode = loop_config["architecture"], loop_config["mode"]
+    configure_threads(loop_config["cpus"])
+    keras.utils.set_random_seed(cfg.data.seed)
+    data = pd.DataFrame(loop_config["data"])
+    train, val = data[data["split"] == "train"], data[data["split"] == "val"]
+    batch_size = cfg.training.batch_size
+    steps_per_epoch = cfg.training.steps_per_epoch or math.ceil(len(train) / batch_size)
+    augment = images.augmentation(**cfg.augment.model_dump(), seed=cfg.data.seed)
+    common = {"image_size": cfg.data.image_size, "batch_size": batch_size, "crop_box": cfg.data.crop_box}
+    train_ds = images.tf_dataset(
+        train["image_uri"],
+        train["male"],
+        training=True,
+        augment=augment,
+        cache=cfg.data.cache,
+        repeat=cfg.training.steps_per_epoch is not None,
+        seed=cfg.data.seed,
+        **common,
+    )
+    val_ds = images.tf_dataset(val["image_uri"], val["male"], cache=cfg.data.cache, **common)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            model = keras.saving.load_model(os.path.join(directory, MODEL_FILE))
+            state = json.loads(Path(directory, STATE_FILE).read_text())
+        state["resumed_at_epochs"].append(state["epoch"])
+    else:
+        weights = cfg.models.weights_for(architecture)
+        model = models.build_model(architecture, mode, cfg.data.image_size, weights, cfg.models.head)
+        compile_model(model, cfg, steps_per_epoch)
+        state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "wait": 0, "train_seconds": 0.0}
+        state["resumed_at_epochs"] = []
+    stopped_early = cfg.training.early_stopping and state["wait"] >= cfg.training.early_stopping.patience
+    if state["epoch"] < cfg.training.epochs and not stopped_early:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.training.epochs,
+            initial_epoch=state["epoch"],
+            steps_per_epoch=steps_per_epoch if cfg.training.steps_per_epoch else None,
+            class_weight=class_weights(train["male"]) if cfg.training.class_weight == "balanced" else None,
+            callbacks=[_report_callback(cfg, state)],
+            verbose=2,
+        )
+    return {**state, **models.parameter_counts(model)}
+
+
+def run_data(frame: pd.DataFrame) -> dict:
+    """The manifest columns a training worker needs, as plain lists (no shared filesystem required)."""
+    subset = frame[frame["split"].isin(["train", "val"])]
+    return {column: subset[column].tolist() for column in ("image_uri", "male", "split")}
+
+
+def make_trainer(cfg: Config, architecture: str, mode: str, data: dict, storage_path: str, name: str):
+    """The Ray Train trainer for one run (one worker, one GPU on a cluster)."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
+    fs, path = ray_storage(storage_path)
+    return TensorflowTrainer(
+        train_run,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "architecture": architecture,
+            "mode": mode,
+            "data": data,
+            "cpus": cfg.resources.cpus_per_run,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1,
+            use_gpu=cfg.resources.use_gpu,
+            resources_per_worker={"CPU": cfg.resources.cpus_per_run},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=monitor, checkpoint_score_order=monitor_mode(monitor)
+            ),
+        ),
+    )
+
+
+def ray_storage(uri: str):
+    """(filesystem, path) for Ray's ``storage_path``: S3 goes through our filesystem so endpoint overrides apply."""
+    if storage.is_s3(uri):
+        return storage.filesystem(uri)
+    return None, str(Path(uri).absolute())
+
+
+def run_one(cfg: Config, architecture: str, mode: str, data: dict, storage_path: str) -> dict:
+    """Train one run to the end and summarise it (best checkpoint, history, timings)."""
+    name = f"{architecture}_{mode}"
+    trainer = make_trainer(cfg, architecture, mode, data, storage_path, name)
+    result = trainer.fit()
+    monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
+    best = result.get_best_checkpoint(monitor, monitor_mode(monitor))
+    state = result.return_value
+    return {
+        "architecture": architecture,
+        "mode": mode,
+        "checkpoint_uri": storage.S3_SCHEME + best.path if storage.is_s3(storage_path) else best.path,
+        "history": state["history"],
+        "epochs_run": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        f"best_{monitor}": state["best"],
+        "train_seconds": state["train_seconds"],
+        "resumed_at_epochs": state["resumed_at_epochs"],
+        "params_total": state["params_total"],
+        "params_trainable": state["params_trainable"],
+    }
+
+
+def run_grid(cfg: Config, data: dict, run_dir: str) -> list[dict]:
+    """Run every configured (architecture, mode) concurrently with Ray Tune; returns one summary per run."""
+    from ray import tune
+
+    storage_path = storage.join(run_dir, "trainer")
+
+    def trial(params):
+        summary = run_one(cfg, params["architecture"], params["mode"], data, storage_path)
+        tune.report({"summary": summary})
+
+    fs, path = ray_storage(run_dir)
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 0.01}),
+        param_space={
+            "architecture": tune.grid_search(list(cfg.models.architectures)),
+            "mode": tune.grid_search(list(cfg.models.modes)),
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
+        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs, verbose=1),
+    )
+    results = tuner.fit()
+    failed = [result for result in results if result.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} training run(s) failed; first error: {failed[0].error}")
+    return [result.metrics["summary"] for result in results]

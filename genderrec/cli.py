@@ -42,9 +42,7 @@ def cmd_prepare_celeba(args) -> int:
         seed=args.seed,
         skip_missing=args.skip_missing,
     )
-    manifest.write_manifest(
-        frame, args.out, metadata={"genderrec.split": args.split, "genderrec.seed": str(args.seed)}
-    )
+    manifest.write_manifest(frame, args.out, metadata={"genderrec.split": args.split, "genderrec.seed": str(args.seed)})
     if skipped:
         report = args.out + ".skipped.csv"
         import pandas as pd
@@ -85,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="manifest path (local or s3://)")
     prepare.add_argument("--split", choices=["identity", "seed", "official"], default="identity")
     prepare.add_argument("--subset", type=int, help="stratified random subset of N images")
-    prepare.add_argument("--fractions", type=float, nargs=3, default=[0.64, 0.16, 0.20], metavar=("TRAIN", "VAL", "TEST"))
+    prepare.add_argument(
+        "--fractions", type=float, nargs=3, default=[0.64, 0.16, 0.20], metavar=("TRAIN", "VAL", "TEST")
+    )
     prepare.add_argument("--seed", type=int, default=42)
     prepare.add_argument("--skip-missing", action="store_true", help="skip (and list) items with missing files/rows")
     _storage_flags(prepare)
@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--celeba-dir", help="CelebA folder (overrides data.celeba_dir)")
     train.add_argument("--manifest", help="prepared manifest (overrides data.manifest)")
     train.add_argument("--storage-path", help="where runs go, local or s3:// (overrides run.storage_path)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=1")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=1"
+    )
     train.set_defaults(func=cmd_train_all)
     return parser
 

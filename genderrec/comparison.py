@@ -12,7 +12,6 @@ Run directory layout (local or ``s3://``)::
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 
 import numpy as np
@@ -46,7 +45,6 @@ def prepare_manifest(cfg: Config, run_dir: str) -> tuple[pd.DataFrame, str]:
 
 def evaluate_run(summary: dict, test: dict, cfg_json: dict, run_dir: str) -> dict:
     """Test metrics and inference time of one run's best checkpoint; exports it as a model directory."""
-    import keras
 
     from genderrec import images, models
 
@@ -59,7 +57,9 @@ def evaluate_run(summary: dict, test: dict, cfg_json: dict, run_dir: str) -> dic
     )
     metrics = evaluation.binary_metrics(test["male"], p_male)
     first = test["image_uri"][: cfg.training.batch_size]
-    batch = np.stack([images.load_image(storage.read_bytes(uri), cfg.data.image_size, cfg.data.crop_box) for uri in first])
+    batch = np.stack(
+        [images.load_image(storage.read_bytes(uri), cfg.data.image_size, cfg.data.crop_box) for uri in first]
+    )
     ms_per_1000 = evaluation.inference_ms_per_1000(model, batch, cfg.training.inference_timing_images)
 
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
@@ -81,9 +81,8 @@ def evaluate_run(summary: dict, test: dict, cfg_json: dict, run_dir: str) -> dic
         "model_uri": storage.join(run_dir, "models", name),
     }
     model_dir = row["model_uri"]
-    models.save_model(model, storage.join(model_dir, selection.MODEL_FILE))
+    selection.export(model, model_dir, model_card(cfg, row))
     storage.write_text(storage.join(model_dir, "history.csv"), pd.DataFrame(summary["history"]).to_csv(index=False))
-    selection.write_card(model_dir, model_card(cfg, row))
     return row
 
 
@@ -136,7 +135,10 @@ def train_all(cfg: Config) -> str:
     board["selected"] = (board["architecture"] == chosen["architecture"]) & (board["mode"] == chosen["mode"])
     storage.write_bytes(storage.join(run_dir, "leaderboard.parquet"), board.to_parquet(index=False))
     title = f"Leaderboard: {cfg.run.name} ({len(test)} test images, split={cfg.data.split})"
-    markdown = evaluation.leaderboard_markdown(board, title) + f"\nSelected: **{chosen['architecture']}/{chosen['mode']}** — {reason}.\n"
+    markdown = (
+        evaluation.leaderboard_markdown(board, title)
+        + f"\nSelected: **{chosen['architecture']}/{chosen['mode']}** — {reason}.\n"
+    )
     storage.write_text(storage.join(run_dir, "leaderboard.md"), markdown)
     histories = {f"{s['architecture']}_{s['mode']}": s["history"] for s in summaries}
     evaluation.write_figures(board, histories, storage.join(run_dir, "figures"))

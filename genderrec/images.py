@@ -66,9 +66,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(
-    pixels: np.ndarray, size: tuple[int, int], crop_box: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
+def resize(pixels: np.ndarray, size: tuple[int, int], crop_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Crop (``left, top, right, bottom`` in source pixels) then resize to ``(height, width)``, float32."""
     image = Image.fromarray(pixels)
     if crop_box is not None:

@@ -135,7 +135,9 @@ def read_celeba(celeba_dir: str, skip_missing: bool = False) -> CelebA:
     frame = frame[~frame["image_id"].isin({problem["image_id"] for problem in problems})].copy()
     bad_partition = ~frame["image_id"].map(partition).isin(_PARTITION_NAMES)
     if bad_partition.any():
-        raise ManifestError(f"{PARTITION_FILE}: partition must be 0, 1 or 2 (e.g. {frame['image_id'][bad_partition].iloc[0]})")
+        raise ManifestError(
+            f"{PARTITION_FILE}: partition must be 0, 1 or 2 (e.g. {frame['image_id'][bad_partition].iloc[0]})"
+        )
     frame["official_split"] = frame["image_id"].map(partition).map(_PARTITION_NAMES)
     try:
         frame["identity"] = frame["image_id"].map(identity).astype(np.int64)

@@ -38,6 +38,14 @@ def select(board: pd.DataFrame, rule: SelectionConfig) -> tuple[pd.Series, str]:
     return chosen, reason
 
 
+def export(model, model_dir: str, card: dict) -> None:
+    """Write a model directory: ``model.keras`` (no optimizer state needed) and ``card.json``."""
+    from genderrec import models
+
+    models.save_model(model, storage.join(model_dir, MODEL_FILE))
+    write_card(model_dir, card)
+
+
 def write_card(model_dir: str, card: dict) -> None:
     storage.write_text(storage.join(model_dir, CARD_FILE), json.dumps(card, indent=2, sort_keys=True))
 
@@ -58,3 +66,16 @@ def load_selected(model_dir: str):
     if not storage.exists(model_uri):
         raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE}")
     return models.load_model(model_uri), card
+
+
+def apply_calibration(p_male, card: dict):
+    """Apply the card's temperature scaling (fitted on the validation split) when present, else return ``p_male``."""
+    import numpy as np
+
+    temperature = card.get("temperature")
+    p_male = np.asarray(p_male, dtype=np.float64)
+    if not temperature:
+        return p_male
+    clipped = np.clip(p_male, 1e-7, 1 - 1e-7)
+    logits = np.log(clipped / (1 - clipped)) / float(temperature)
+    return 1 / (1 + np.exp(-logits))

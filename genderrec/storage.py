@@ -137,9 +137,7 @@ def copy(source: str, destination: str) -> None:
     if not is_s3(destination):
         parent = destination_path if is_dir(source) else destination_path.rsplit("/", 1)[0]
         destination_fs.create_dir(parent, recursive=True)
-    pafs.copy_files(
-        source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs
-    )
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs, destination_filesystem=destination_fs)
 
 
 @contextlib.contextmanager

@@ -83,12 +83,13 @@ class ModelsConfig(_Strict):
     """Which (architecture, mode) runs to train, and where backbone weights come from.
 
     ``weights`` is ``imagenet``, ``none`` or a local/``s3://`` weights file, either for all
-    architectures or as a mapping ``{architecture: source}`` (key ``default`` for the rest).
+    architectures or as a mapping ``{architecture: source}`` (key ``default`` for the rest). GoogLeNet has
+    no official Keras ImageNet weights, so by default it starts from random weights (and says so).
     """
 
     architectures: tuple[str, ...] = ARCHITECTURES
     modes: tuple[Literal["fine_tune", "transfer"], ...] = MODES
-    weights: str | dict[str, str] = "imagenet"
+    weights: str | dict[str, str] = {"default": "imagenet", "googlenet": "none"}
     head: HeadConfig = HeadConfig()
 
     @field_validator("architectures")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def real_faces(celeba_manifest):
     """60 real faces (balanced male/female) with their labels, as a DataFrame of image_uri, male, ..."""
     male = celeba_manifest[celeba_manifest["male"] == 1].head(30)
     female = celeba_manifest[celeba_manifest["male"] == 0].head(30)
-    return male._append(female).sort_values("image_id").reset_index(drop=True)
+    return pd.concat([male, female]).sort_values("image_id").reset_index(drop=True)
 
 
 @pytest.fixture(scope="session")

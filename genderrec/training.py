@@ -89,7 +89,8 @@ def _report_callback(cfg: Config, state: dict):
             metrics = {key: float(value) for key, value in (logs or {}).items()}
             if monitor not in metrics:
                 raise ValueError(f"early_stopping.monitor {monitor!r} is not a reported metric: {sorted(metrics)}")
-            state["train_seconds"] += time.perf_counter() - self.started
+            metrics["epoch_seconds"] = time.perf_counter() - self.started
+            state["train_seconds"] += metrics["epoch_seconds"]
             state["epoch"] = epoch + 1
             state["history"].append({"epoch": epoch + 1, **metrics})
             if state["best"] is None or better(metrics[monitor], state["best"]):

@@ -1,0 +1,99 @@
+"""Training throughput through Ray Train vs a plain ``model.fit`` on the same data, same machine, same run.
+
+Both sides use the same model, input pipeline (decode, cache, augmentation), batch size and thread count; the
+steady-state epochs (after the first, which fills the cache and traces the graph) are compared as images/s, and
+the whole wall clock (process start, checkpoints every epoch) is reported too. Target: ratio >= 0.9.
+
+    python benchmarks/train_throughput.py --celeba-dir ../shared/celeba --images 1024 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import ray
+
+from genderrec import images, manifest, models, training
+from genderrec.config import parse_config
+
+
+def plain_fit(cfg, frame) -> list[float]:
+    """Epoch times of ``model.fit`` in this process, configured exactly like a Ray Train worker."""
+    training.configure_threads(cfg.resources.cpus_per_run)
+    train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
+    model = models.build_model("resnet50", "fine_tune", cfg.data.image_size, "none", cfg.models.head)
+    training.compile_model(model, cfg, math.ceil(len(train) / cfg.training.batch_size))
+    augment = images.augmentation(**cfg.augment.model_dump(), seed=0)
+    dataset = images.tf_dataset(
+        train["image_uri"], train["male"], cfg.data.image_size, cfg.training.batch_size, training=True, augment=augment
+    )
+    validation = images.tf_dataset(val["image_uri"], val["male"], cfg.data.image_size, cfg.training.batch_size)
+    times = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.started)
+
+    model.fit(
+        dataset,
+        validation_data=validation,
+        epochs=cfg.training.epochs,
+        class_weight=training.class_weights(train["male"]),
+        callbacks=[EpochTimer()],
+        verbose=0,
+    )
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--celeba-dir", default="../shared/celeba")
+    parser.add_argument("--images", type=int, default=1024, help="training images")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--size", type=int, nargs=2, default=[64, 52])
+    parser.add_argument("--cpus", type=float, default=2)
+    parser.add_argument("--storage", default="/tmp/genderrec-bench")
+    args = parser.parse_args()
+
+    frame, _ = manifest.build_manifest(args.celeba_dir, split="identity", seed=0)
+    frame = pd.concat([frame[frame["split"] == "train"].head(args.images), frame[frame["split"] == "val"].head(64)])
+    cfg = parse_config(
+        {
+            "data": {"manifest": "unused", "image_size": args.size},
+            "models": {"weights": "none"},
+            "training": {"epochs": args.epochs, "batch_size": 32, "early_stopping": None},
+            "resources": {"cpus_per_run": args.cpus},
+        }
+    )
+
+    started = time.perf_counter()
+    plain = plain_fit(cfg, frame)
+    plain_wall = time.perf_counter() - started
+
+    ray.init(num_cpus=max(2, math.ceil(args.cpus)), include_dashboard=False, log_to_driver=False)
+    started = time.perf_counter()
+    summary = training.run_one(cfg, "resnet50", "fine_tune", training.run_data(frame), args.storage)
+    ray_wall = time.perf_counter() - started
+    ray_times = [row["epoch_seconds"] for row in summary["history"]]
+
+    n = args.images
+    plain_rate = n / np.mean(plain[1:])
+    ray_rate = n / np.mean(ray_times[1:])
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, {args.cpus} CPUs for training")
+    print(f"resnet50 fine_tune, {n} images {args.size[0]}x{args.size[1]}, batch 32, {args.epochs} epochs")
+    print(f"plain model.fit : {plain_rate:7.1f} images/s (epochs after the first), wall {plain_wall:6.1f} s")
+    print(f"Ray Train       : {ray_rate:7.1f} images/s (epochs after the first), wall {ray_wall:6.1f} s")
+    print(f"ratio Ray/plain : {ray_rate / plain_rate:.3f} steady state, {plain_wall / ray_wall:.3f} wall clock")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+
+from genderrec.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_validate(monkeypatch):
+    monkeypatch.delenv("CELEBA_DIR", raising=False)
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name == "serve.yaml":
+            continue  # a Ray Serve config, validated by the serving tests
+        cfg = load_config(path)
+        assert cfg.data.celeba_dir or cfg.data.manifest, path
+
+
+def test_misspelled_key_is_an_error_naming_file_and_key(tmp_path):
+    path = write(tmp_path, "data: {manifest: m.parquet}\ntraining: {learning_rat: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: training\.learning_rat: Extra inputs are not permitted"):
+        load_config(path)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="trainng"):
+        load_config(write(tmp_path, "data: {manifest: m.parquet}\ntrainng: {epochs: 1}\n"))
+
+
+def test_environment_expansion_with_default(tmp_path, monkeypatch):
+    path = write(tmp_path, "data: {celeba_dir: '${MY_CELEBA:-/data/celeba}'}\n")
+    monkeypatch.delenv("MY_CELEBA", raising=False)
+    assert load_config(path).data.celeba_dir == "/data/celeba"
+    monkeypatch.setenv("MY_CELEBA", "s3://bucket/celeba")
+    assert load_config(path).data.celeba_dir == "s3://bucket/celeba"
+
+
+def test_missing_environment_variable_without_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE"):
+        load_config(write(tmp_path, "data: {celeba_dir: '${NOT_SET_ANYWHERE}'}\n"))
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    path = write(tmp_path, "data: {manifest: m.parquet}\n")
+    cfg = load_config(path, ["training.epochs=3", "models.architectures=[resnet50]", "data.image_size=[64, 52]"])
+    assert cfg.training.epochs == 3
+    assert cfg.models.architectures == ("resnet50",)
+    assert cfg.data.image_size == (64, 52)
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_config(path, ["training.epochs=zero"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(path, ["training.epochs"])
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"data": {}}, "celeba_dir"),
+        ({"data": {"manifest": "m", "fractions": [0.5, 0.5, 0.5]}}, "sum to 1"),
+        ({"data": {"manifest": "m", "image_size": [16, 16]}}, "at least 32"),
+        ({"data": {"manifest": "m"}, "models": {"architectures": ["alexnet"]}}, "alexnet"),
+        ({"data": {"manifest": "m"}, "models": {"weights": "imagenet"}}, "googlenet has no official"),
+        ({"data": {"manifest": "m"}, "selection": {"pin": "resnet50"}}, "resnet50/fine_tune"),
+        (
+            {
+                "data": {"manifest": "m"},
+                "models": {"architectures": ["vgg16"]},
+                "selection": {"pin": "resnet50/transfer"},
+            },
+            "not among the configured runs",
+        ),
+    ],
+)
+def test_invalid_values(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_weights_per_architecture():
+    cfg = parse_config({"data": {"manifest": "m"}, "models": {"weights": {"default": "none", "vgg16": "s3://w/v.h5"}}})
+    assert cfg.models.weights_for("vgg16") == "s3://w/v.h5"
+    assert cfg.models.weights_for("resnet50") == "none"
+    default = parse_config({"data": {"manifest": "m"}})
+    assert default.models.weights_for("resnet50") == "imagenet"
+    assert default.models.weights_for("googlenet") == "none"

@@ -74,6 +74,26 @@ def cmd_train_all(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from genderrec import labeling
+
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    options = labeling.LabelingOptions(
+        model_dir=_absolute(args.model),
+        input_uri=_absolute(args.input),
+        output_uri=_absolute(args.output),
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        threshold=args.threshold,
+        resume=args.resume,
+    )
+    plan = labeling.prepare(options)
+    init_ray(args.address)
+    print(labeling.run(plan).report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genderrec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.epochs=1"
     )
     train.set_defaults(func=cmd_train_all)
+
+    label = commands.add_parser("label", help="label images (Parquet manifest or folder/s3:// prefix) with Ray Data")
+    label.add_argument("--model", required=True, help="model directory (model.keras + card.json), local or s3://")
+    label.add_argument("--input", required=True, help="Parquet manifest with image_uri, or a folder / s3:// prefix")
+    label.add_argument("--output", required=True, help="output folder for Parquet labels, local or s3://")
+    label.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
+    label.add_argument("--actors", type=int, default=1, help="inference actors, each loads the model once (default 1)")
+    label.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default 0)")
+    label.add_argument("--threshold", type=float, help="p_male at or above it is labeled male (default: model card)")
+    label.add_argument("--resume", action="store_true", help="skip images already in the output (after a crash)")
+    label.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    _storage_flags(label)
+    label.set_defaults(func=cmd_label)
     return parser
 
 

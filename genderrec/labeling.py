@@ -1,0 +1,411 @@
+"""Bulk labeling: a Parquet manifest or an image folder/prefix (local or ``s3://``) → a Parquet table of p(male).
+
+The Ray Data pipeline is ``inputs → read + decode (CPU tasks) → predict (actor pool, the model loaded once per
+actor) → write Parquet``. A file that cannot be read or decoded becomes a row with an ``error`` and no ``p_male``;
+it never stops the job or drops a row (rows out == rows in). Everything a user can get wrong (model directory,
+input, output) is checked on the driver by :func:`prepare`, before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from genderrec import images, selection, storage
+
+OUTPUT_COLUMNS = ("image_uri", "p_male", "label", "model", "error")
+TRUTH_COLUMN = "male"
+MANIFEST_SUFFIX = ".parquet"
+EVALUATION_FILE = "_evaluation.json"  # "_" prefix: Parquet readers (pyarrow, Spark, Ray) skip it
+ROWS_PER_FILE = 10_000
+# Half a CPU per decode task: reads wait on storage, so twice as many tasks as cores keep the cores busy. It also
+# keeps Ray Data from fusing decoding into the inference actors (it fuses maps with equal resources only).
+DECODE_CPUS = 0.5
+_PIXELS = "__genderrec_pixels"
+
+
+class LabelingError(ValueError):
+    """A labeling job cannot start: the message names the model, input or output and what is wrong."""
+
+
+@dataclass(frozen=True)
+class LabelingOptions:
+    """What ``genderrec label`` was asked to do."""
+
+    model_dir: str
+    input_uri: str
+    output_uri: str
+    batch_size: int = 64
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    threshold: float | None = None  # None: the model card's threshold (0.5 unless the card says otherwise)
+    resume: bool = False
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise LabelingError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.actors < 1:
+            raise LabelingError(f"actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor < 0:
+            raise LabelingError(f"GPUs per actor must be >= 0, got {self.gpus_per_actor}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise LabelingError(f"threshold must be between 0 and 1, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class LabelingPlan:
+    """A checked job: the model card, and the input rows still to label (all of them unless resuming)."""
+
+    options: LabelingOptions
+    card: dict
+    threshold: float
+    todo: pa.Table
+    rows_in: int
+
+    @property
+    def already_labeled(self) -> int:
+        return self.rows_in - self.todo.num_rows
+
+
+@dataclass(frozen=True)
+class LabelingResult:
+    """What a run did; ``evaluation`` is set when the input carries ground truth (``male``)."""
+
+    output_uri: str
+    rows_in: int
+    already_labeled: int
+    labeled: int
+    errors: int
+    seconds: float
+    evaluation: dict | None
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.labeled + self.errors) / self.seconds if self.seconds else math.nan
+
+    def report(self) -> str:
+        lines = [
+            f"rows in: {self.rows_in}  already labeled (resume): {self.already_labeled}  "
+            f"labeled now: {self.labeled}  errors: {self.errors}  "
+            f"({self.seconds:.1f} s, {self.images_per_second:.1f} images/s)",
+            f"output: {self.output_uri}",
+        ]
+        if self.evaluation is not None:
+            lines.append(format_evaluation(self.evaluation))
+        return "\n".join(lines)
+
+
+def model_version(card: dict) -> str:
+    """The ``model`` column: the card's name and creation time, e.g. ``resnet50_fine_tune@2026-01-01T00:00:00``."""
+    return f"{card['name']}@{card['created']}" if card.get("created") else card["name"]
+
+
+# --------------------------------------------------------------------------- checks before any cluster work
+
+
+def prepare(options: LabelingOptions) -> LabelingPlan:
+    """Check the model, read the input rows and (with ``resume``) drop those already in the output."""
+    card = _check_model(options.model_dir)
+    inputs = read_inputs(options.input_uri)
+    done = _labeled_uris(options.output_uri, options.resume)
+    todo = inputs.filter(pc.invert(pc.is_in(inputs["image_uri"], value_set=done))) if len(done) else inputs
+    threshold = options.threshold if options.threshold is not None else float(card.get("threshold", 0.5))
+    return LabelingPlan(options, card, threshold, todo, inputs.num_rows)
+
+
+def _check_model(model_dir: str) -> dict:
+    card = selection.read_card(model_dir)
+    if not storage.exists(storage.join(model_dir, selection.MODEL_FILE)):
+        raise FileNotFoundError(f"{model_dir}: no {selection.MODEL_FILE} beside {selection.CARD_FILE}")
+    missing = [key for key in ("name", "input_size") if key not in card]
+    if missing:
+        raise LabelingError(f"{storage.join(model_dir, selection.CARD_FILE)}: model card lacks {missing}")
+    return card
+
+
+def read_inputs(uri: str) -> pa.Table:
+    """The rows to label: a Parquet manifest (file, or folder of Parquet files) or every image under a prefix."""
+    fs, path = storage.filesystem(uri)
+    try:
+        kind = fs.get_file_info(path).type
+    except OSError as exc:
+        raise LabelingError(f"{uri}: cannot access the input: {exc}") from None
+    if kind == pafs.FileType.File:
+        return _read_manifest(uri, [uri])
+    if kind == pafs.FileType.NotFound:
+        raise LabelingError(f"{uri}: not found (no file, and no folder or S3 prefix holding files)")
+    uris = storage.list_files(uri, images.IMAGE_SUFFIXES)
+    if uris:
+        return pa.table({"image_uri": pa.array(uris, pa.string())})
+    manifests = storage.list_files(uri, (MANIFEST_SUFFIX,))
+    if manifests:
+        return _read_manifest(uri, manifests)
+    raise LabelingError(
+        f"{uri}: empty input: no image files ({', '.join(images.IMAGE_SUFFIXES)}) and no Parquet manifest below it"
+    )
+
+
+def _read_manifest(uri: str, files: list[str]) -> pa.Table:
+    try:
+        table = _read_parts(files)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LabelingError(f"{uri}: not a readable Parquet manifest: {exc}") from None
+    if "image_uri" not in table.column_names:
+        raise LabelingError(f"{uri}: manifest has no 'image_uri' column (it has {table.column_names})")
+    uri_type = table.schema.field("image_uri").type
+    if not (pa.types.is_string(uri_type) or pa.types.is_large_string(uri_type)):
+        raise LabelingError(f"{uri}: 'image_uri' must hold strings, not {uri_type}")
+    if table.num_rows == 0:
+        raise LabelingError(f"{uri}: manifest has no rows")
+    uris = table["image_uri"]
+    if uris.null_count:
+        first = pc.index(pc.is_null(uris), True).as_py()
+        raise LabelingError(f"{uri}: {uris.null_count} row(s) have no image_uri (first: row {first})")
+    relative = pc.invert(pc.or_(pc.starts_with(uris, storage.S3_SCHEME), pc.starts_with(uris, "/")))
+    if pc.any(relative).as_py():
+        example = uris.filter(relative)[0].as_py()
+        raise LabelingError(f"{uri}: image_uri must be absolute paths or s3:// URIs, found {example!r}")
+    clashes = [name for name in OUTPUT_COLUMNS[1:] if name in table.column_names]
+    if clashes:
+        raise LabelingError(f"{uri}: manifest column(s) {clashes} would be overwritten by the labels; rename them")
+    ordered = ["image_uri", *(name for name in table.column_names if name != "image_uri")]
+    return table.select(ordered).replace_schema_metadata(None)
+
+
+def _output_parts(output_uri: str) -> list[str]:
+    return storage.list_files(output_uri, (MANIFEST_SUFFIX,))
+
+
+def _labeled_uris(output_uri: str, resume: bool) -> pa.Array:
+    """The image URIs already in the output (for ``resume``); an output that holds labels needs ``resume``."""
+    fs, path = storage.filesystem(output_uri)
+    if storage.is_s3(output_uri):
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise LabelingError(f"{output_uri}: bucket {bucket!r} does not exist (create it first)")
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise LabelingError(f"{output_uri}: output must be a folder or prefix, not a file")
+    parts = _output_parts(output_uri)
+    if not parts:
+        return pa.array([], pa.string())
+    if not resume:
+        raise LabelingError(
+            f"{output_uri} already holds {len(parts)} Parquet file(s) of labels: pass --resume to label only the "
+            "images not in them yet, or choose another output"
+        )
+    try:
+        done = _read_parts(parts, ["image_uri"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LabelingError(
+            f"{output_uri}: cannot read the labels written so far ({exc}); a file cut short by a crash can be "
+            "deleted, then run with --resume again"
+        ) from None
+    return pc.unique(done["image_uri"])
+
+
+def _read_parts(parts: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Read Parquet files (local or on one S3 endpoint) as one table."""
+    fs, _ = storage.filesystem(parts[0])
+    dataset = pads.dataset([storage.filesystem(part)[1] for part in parts], filesystem=fs, format="parquet")
+    return dataset.to_table(columns=columns)
+
+
+# --------------------------------------------------------------------------- the Ray Data pipeline
+
+
+def _load(uri: str, size: tuple[int, int], crop_box, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """``(pixels, None)`` or ``(None, why)``: a bad file is a row's error, never the job's."""
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as exc:  # missing object, access denied, network: the row records it
+        return None, f"cannot read: {exc}"
+    try:
+        return images.load_image(data, size, crop_box, max_pixels), None
+    except images.ImageDecodeError as exc:
+        return None, str(exc)
+    except Exception as exc:  # Pillow raises odd types on hostile files; one file must not stop the job
+        return None, f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+def read_and_decode(batch: pa.Table, size: tuple[int, int], crop_box, max_pixels: int) -> pa.Table:
+    """Ray Data CPU task: add the model input (zeros for bad files) and an ``error`` column to a batch of rows."""
+    from ray.data.extensions import ArrowTensorArray
+
+    pixels = np.zeros((batch.num_rows, *size, 3), dtype=np.float32)
+    errors = []
+    for row, uri in enumerate(batch["image_uri"].to_pylist()):
+        image, error = _load(uri, size, crop_box, max_pixels)
+        if image is not None:
+            pixels[row] = image
+        errors.append(error)
+    batch = batch.append_column("error", pa.array(errors, pa.string()))
+    return batch.append_column(_PIXELS, ArrowTensorArray.from_numpy(pixels))
+
+
+class Predictor:
+    """Ray Data actor: loads the model once, then turns batches of decoded rows into output rows."""
+
+    def __init__(self, model_dir: str, threshold: float):
+        _allow_gpu_memory_growth()
+        self.model, self.card = selection.load_selected(model_dir)
+        self.threshold = threshold
+        self.version = model_version(self.card)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        decoded = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
+        p_male = np.zeros(batch.num_rows, dtype=np.float64)
+        if decoded.any():
+            pixels = batch[_PIXELS].combine_chunks().to_numpy()[decoded]
+            raw = np.asarray(self.model.predict_on_batch(pixels)).reshape(-1)
+            p_male[decoded] = selection.apply_calibration(raw, self.card)
+        labels = np.where(p_male >= self.threshold, "male", "female")
+        outputs = {
+            "image_uri": batch["image_uri"],
+            "p_male": pa.array(p_male, pa.float64(), mask=~decoded),
+            "label": pa.array(labels, pa.string(), mask=~decoded),
+            "model": pa.array([self.version] * batch.num_rows, pa.string()),
+            "error": batch["error"],
+        }
+        carried = [name for name in batch.column_names if name not in (*OUTPUT_COLUMNS, _PIXELS)]
+        return pa.table({**outputs, **{name: batch[name] for name in carried}})
+
+
+def _allow_gpu_memory_growth() -> None:
+    """Let several actors share a GPU (``--gpus-per-actor 0.5``): TensorFlow otherwise takes all its memory."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def build_dataset(plan: LabelingPlan):
+    """The lazy Ray Data pipeline for ``plan.todo`` (nothing runs until it is written)."""
+    import ray
+
+    options, card = plan.options, plan.card
+    env_vars = storage.s3_env_vars()
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    blocks = max(1, math.ceil(plan.todo.num_rows / options.batch_size))
+    dataset = ray.data.from_arrow(plan.todo, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        read_and_decode,
+        batch_format="pyarrow",
+        batch_size=options.batch_size,
+        fn_kwargs={
+            "size": tuple(card["input_size"]),
+            "crop_box": tuple(card["crop_box"]) if card.get("crop_box") else None,
+            "max_pixels": options.max_pixels,
+        },
+        num_cpus=DECODE_CPUS,
+        runtime_env=runtime_env,
+    )
+    return dataset.map_batches(
+        Predictor,
+        batch_format="pyarrow",
+        batch_size=options.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
+        fn_constructor_kwargs={"model_dir": options.model_dir, "threshold": plan.threshold},
+        num_cpus=1,
+        num_gpus=options.gpus_per_actor or None,
+        runtime_env=runtime_env,
+    )
+
+
+def run(plan: LabelingPlan) -> LabelingResult:
+    """Label ``plan.todo`` into the output (on the Ray that is initialised), check the row count, evaluate."""
+    output_uri = plan.options.output_uri
+    before = set(_output_parts(output_uri))
+    started = time.perf_counter()
+    if plan.todo.num_rows:
+        env_vars = storage.s3_env_vars()
+        fs, path = storage.filesystem(output_uri)
+        build_dataset(plan).write_parquet(
+            path,
+            filesystem=fs,
+            try_create_dir=not storage.is_s3(output_uri),  # S3 has no folders; marker objects confuse some servers
+            min_rows_per_file=ROWS_PER_FILE,
+            ray_remote_args={"runtime_env": {"env_vars": env_vars}} if env_vars else None,
+        )
+    seconds = time.perf_counter() - started
+    new_parts = sorted(set(_output_parts(output_uri)) - before)
+    written = _read_parts(new_parts, ["p_male", "error"]) if new_parts else pa.table({"p_male": [], "error": []})
+    if written.num_rows != plan.todo.num_rows:
+        raise RuntimeError(f"{output_uri}: wrote {written.num_rows} rows for {plan.todo.num_rows} inputs")
+    evaluation = evaluate(output_uri, plan.threshold) if TRUTH_COLUMN in plan.todo.column_names else None
+    return LabelingResult(
+        output_uri=output_uri,
+        rows_in=plan.rows_in,
+        already_labeled=plan.already_labeled,
+        labeled=written.num_rows - written["p_male"].null_count,
+        errors=written.num_rows - written["error"].null_count,
+        seconds=seconds,
+        evaluation=evaluation,
+    )
+
+
+def label(options: LabelingOptions) -> LabelingResult:
+    """Check, then label (Ray must already be initialised, e.g. by :func:`genderrec.cli.init_ray`)."""
+    return run(prepare(options))
+
+
+# --------------------------------------------------------------------------- evaluation mode
+
+
+def evaluate(output_uri: str, threshold: float) -> dict:
+    """Accuracy, ROC-AUC and confusion matrix of every labeled row with ground truth; written beside the labels."""
+    from sklearn.metrics import confusion_matrix
+
+    from genderrec.evaluation import binary_metrics
+
+    frame = _read_parts(_output_parts(output_uri), [TRUTH_COLUMN, "p_male"]).to_pandas()
+    usable = frame.dropna()
+    result = {
+        "images": len(usable),
+        "excluded_errors": int(frame["p_male"].isna().sum()),
+        "excluded_without_truth": int((frame["p_male"].notna() & frame[TRUTH_COLUMN].isna()).sum()),
+        "threshold": threshold,
+        "accuracy": None,
+        "roc_auc": None,
+        "confusion_matrix": None,
+    }
+    if len(usable):
+        truth = usable[TRUTH_COLUMN].astype(int).to_numpy()
+        p_male = usable["p_male"].to_numpy()
+        metrics = binary_metrics(truth, p_male, threshold)
+        matrix = confusion_matrix(truth, (p_male >= threshold).astype(int), labels=[0, 1])
+        result.update(
+            accuracy=metrics["accuracy"],
+            roc_auc=None if math.isnan(metrics["auc"]) else metrics["auc"],
+            confusion_matrix={
+                "rows": "true female, true male",
+                "columns": "predicted female, predicted male",
+                "counts": matrix.tolist(),
+            },
+        )
+    storage.write_text(storage.join(output_uri, EVALUATION_FILE), json.dumps(result, indent=2))
+    return result
+
+
+def format_evaluation(result: dict) -> str:
+    if not result["images"]:
+        return "evaluation: no labeled image has ground truth"
+    auc = "n/a (one class only)" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"
+    (tn, fp), (fn, tp) = result["confusion_matrix"]["counts"]
+    return "\n".join(
+        [
+            f"evaluation on {result['images']} images (threshold {result['threshold']}): "
+            f"accuracy {result['accuracy']:.4f}, ROC-AUC {auc}",
+            "confusion matrix     predicted female  predicted male",
+            f"  true female        {tn:>16}  {fp:>14}",
+            f"  true male          {fn:>16}  {tp:>14}",
+        ]
+    )

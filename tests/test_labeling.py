@@ -1,0 +1,274 @@
+"""Bulk labeling with Ray Data: real S3 servers (rclone, moto), real CelebA faces, a real trained model."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from genderrec import cli, images, labeling, manifest, selection, storage
+
+pytest_plugins = ["s3_servers"]  # the rclone_server and moto_server fixtures
+REPO = Path(__file__).resolve().parents[1]
+MODEL_VERSION = "googlenet_fine_tune@2026-01-01T00:00:00+00:00"  # name@created of the tiny model's card
+
+
+@functools.cache
+def bomb_png() -> bytes:
+    """A genuine decompression bomb: 8000 x 8000 black pixels (64 Mpx) in about 60 KB of PNG."""
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bad_files(face: bytes) -> dict[str, tuple[bytes, str]]:
+    """File name → (content, what its ``error`` must say): every way a bucket's file can fail to be a photo."""
+    noise = np.random.default_rng(3).integers(0, 256, len(face), dtype=np.uint8).tobytes()
+    return {
+        "corrupt.jpg": (face[:700] + noise[700:], "corrupt or truncated"),
+        "truncated.jpg": (face[: len(face) // 2], "truncated"),
+        "empty.png": (b"", "empty file"),
+        "notes.JPEG": (b"meeting notes, not a photo\n", "not an image"),
+        "bomb.png": (bomb_png(), "decompression bomb"),
+    }
+
+
+def expected_p_male(model_dir: str, blobs: list[bytes]) -> np.ndarray:
+    """p(male) from calling the model directly, as a user would, on the same images."""
+    model, card = selection.load_selected(model_dir)
+    pixels = np.stack([images.load_image(blob, tuple(card["input_size"]), card["crop_box"]) for blob in blobs])
+    return selection.apply_calibration(model.predict(pixels, verbose=0).reshape(-1), card)
+
+
+def read_labels(output_uri: str) -> pd.DataFrame:
+    """The output folder as any Parquet reader sees it (``_evaluation.json`` is skipped by the ``_`` rule)."""
+    fs, path = storage.filesystem(output_uri)
+    return pq.read_table(path, filesystem=fs).to_pandas().sort_values("image_uri").reset_index(drop=True)
+
+
+def test_label_s3_prefix_to_s3_on_rclone(rclone_server, monkeypatch, capsys, ray_session, tiny_model_dir, real_faces):
+    """The issue's headline: ``genderrec label --input s3://photos/2026/ --output s3://labels/2026/``."""
+    rclone_server.activate(monkeypatch)
+    for bucket in ("photos", "labels", "models"):
+        rclone_server.create_bucket(bucket)
+
+    faces = {}
+    for index, local in enumerate(real_faces["image_uri"].head(50)):
+        folder, suffix = ("day1", ".jpg") if index < 30 else ("day2/late", ".JPG")
+        faces[f"s3://photos/2026/{folder}/{Path(local).stem}{suffix}"] = Path(local).read_bytes()
+    bad = {f"s3://photos/2026/bad/{name}": item for name, item in bad_files(next(iter(faces.values()))).items()}
+    for uri, data in [*faces.items(), *((uri, data) for uri, (data, _) in bad.items())]:
+        storage.write_bytes(uri, data)
+    storage.write_text("s3://photos/2026/readme.txt", "not an image suffix: never listed")
+
+    # A model directory on S3 whose card carries a temperature: labeling must apply the calibration.
+    card = {**selection.read_card(str(tiny_model_dir)), "temperature": 0.25}
+    storage.copy(str(tiny_model_dir / selection.MODEL_FILE), f"s3://models/gender/{selection.MODEL_FILE}")
+    selection.write_card("s3://models/gender", card)
+
+    # The endpoint comes from the flag, as for a user's MinIO/Ceph/R2.
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    storage.configure_s3()
+    argv = ["label", "--model", "s3://models/gender/", "--input", "s3://photos/2026/", "--output", "s3://labels/2026/"]
+    assert cli.main([*argv, "--batch-size", "16", "--s3-endpoint", rclone_server.endpoint]) == 0
+    summary = capsys.readouterr().out
+    assert "rows in: 55" in summary and "labeled now: 50" in summary and "errors: 5" in summary
+
+    labels = read_labels("s3://labels/2026/")
+    assert list(labels.columns) == list(labeling.OUTPUT_COLUMNS)
+    assert len(labels) == len(faces) + len(bad)  # one row per image file, the .txt is not one
+    assert set(labels["image_uri"]) == set(faces) | set(bad)
+    assert (labels["model"] == MODEL_VERSION).all()
+
+    failed = labels[labels["error"].notna()].set_index("image_uri")
+    assert set(failed.index) == set(bad)
+    for uri, (_, reason) in bad.items():
+        assert reason in failed.loc[uri, "error"], (uri, failed.loc[uri, "error"])
+    assert failed["p_male"].isna().all() and failed["label"].isna().all()
+
+    good = labels[labels["error"].isna()]
+    expected = expected_p_male("s3://models/gender", [faces[uri] for uri in good["image_uri"]])
+    np.testing.assert_allclose(good["p_male"], expected, atol=1e-5)
+    assert (good["label"] == np.where(expected >= 0.5, "male", "female")).all()
+    uncalibrated = expected_p_male(str(tiny_model_dir), [faces[uri] for uri in good["image_uri"]])
+    assert np.abs(uncalibrated - expected).max() > 1e-3  # the temperature really changed the numbers
+    assert not storage.exists("s3://labels/2026/" + labeling.EVALUATION_FILE)  # no ground truth, no evaluation
+
+
+def hand_evaluation(truth: np.ndarray, p_male: np.ndarray, threshold: float) -> dict:
+    """Accuracy, ROC-AUC (share of male/female pairs ranked right, ties half) and confusion counts, by hand."""
+    predicted = [int(p >= threshold) for p in p_male]
+    counts = [[0, 0], [0, 0]]
+    for true, guess in zip(truth, predicted, strict=True):
+        counts[int(true)][guess] += 1
+    males = [p for p, true in zip(p_male, truth, strict=True) if true == 1]
+    females = [p for p, true in zip(p_male, truth, strict=True) if true == 0]
+    pairs = [1.0 if m > f else 0.5 if m == f else 0.0 for m in males for f in females]
+    return {
+        "accuracy": (counts[0][0] + counts[1][1]) / len(truth),
+        "roc_auc": sum(pairs) / len(pairs),
+        "counts": counts,
+    }
+
+
+def test_manifest_with_carried_columns_and_evaluation_on_moto(
+    moto_server, monkeypatch, ray_session, tiny_model_dir, real_faces
+):
+    """A manifest on S3 (images local), ground truth carried through, evaluation checked against a hand count."""
+    moto_server.activate(monkeypatch)
+    for bucket in ("manifests", "labels"):
+        moto_server.create_bucket(bucket)
+    faces = real_faces.iloc[::5][["image_uri", "image_id", "male", "split", "identity"]]
+    missing = {"image_uri": "/nonexistent/photos/missing.jpg", "image_id": "missing.jpg", "male": 1, "split": "test"}
+    rows = pd.concat([faces, pd.DataFrame([{**missing, "identity": 0}])], ignore_index=True)
+    rows["male"] = rows["male"].astype("int8")
+    manifest.write_manifest(rows, "s3://manifests/faces.parquet")
+
+    good_p = expected_p_male(str(tiny_model_dir), [Path(uri).read_bytes() for uri in faces["image_uri"]])
+    threshold = float(np.median(good_p))  # a threshold off the card's 0.5 gives both classes predicted
+    options = labeling.LabelingOptions(
+        str(tiny_model_dir), "s3://manifests/faces.parquet", "s3://labels/eval/", batch_size=4, threshold=threshold
+    )
+    result = labeling.label(options)
+    assert (result.rows_in, result.labeled, result.errors) == (len(rows), len(faces), 1)
+
+    labels = read_labels("s3://labels/eval/")
+    assert list(labels.columns) == [*labeling.OUTPUT_COLUMNS, "image_id", "male", "split", "identity"]
+    carried = labels[["image_uri", "image_id", "male", "split", "identity"]]
+    pd.testing.assert_frame_equal(carried, rows.sort_values("image_uri").reset_index(drop=True))
+    failed = labels[labels["error"].notna()]
+    assert list(failed["image_uri"]) == [missing["image_uri"]] and "cannot read" in failed["error"].iloc[0]
+
+    good = labels[labels["error"].isna()].set_index("image_uri").loc[faces["image_uri"]]
+    np.testing.assert_allclose(good["p_male"], good_p, atol=1e-5)
+    assert (good["label"] == np.where(good_p >= threshold, "male", "female")).all()
+
+    hand = hand_evaluation(faces["male"].to_numpy(), good_p, threshold)
+    written = json.loads(storage.read_text("s3://labels/eval/" + labeling.EVALUATION_FILE))
+    for evaluation in (result.evaluation, written):
+        assert evaluation["images"] == len(faces) and evaluation["excluded_errors"] == 1
+        assert evaluation["accuracy"] == pytest.approx(hand["accuracy"])
+        assert evaluation["roc_auc"] == pytest.approx(hand["roc_auc"])
+        assert evaluation["confusion_matrix"]["counts"] == hand["counts"]
+    assert f"accuracy {hand['accuracy']:.4f}" in result.report()
+
+
+def test_local_folder_and_resume_after_a_partial_run(tmp_path, ray_session, tiny_model_dir, real_faces):
+    """A folder of images; a first run that labeled only some of them; ``resume`` finishes the rest, once each."""
+    folder = tmp_path / "photos"
+    for index, local in enumerate(real_faces["image_uri"].tail(10)):
+        target = folder / ("a" if index % 2 else "b") / Path(local).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(local, target)
+    (folder / "b" / "empty.jpg").write_bytes(b"")
+    listed = storage.list_files(str(folder), images.IMAGE_SUFFIXES)
+    output = str(tmp_path / "labels")
+
+    # The partial output a crash leaves: the same pipeline, having labeled only the first 4 images.
+    first = tmp_path / "first.parquet"
+    pq.write_table(pa.table({"image_uri": listed[:4]}), first)
+    labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(first), output, batch_size=4))
+    earlier = {path: Path(path).read_bytes() for path in storage.list_files(output, (".parquet",))}
+
+    with pytest.raises(labeling.LabelingError, match="--resume"):
+        labeling.prepare(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output))
+    result = labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output, resume=True))
+    assert (result.rows_in, result.already_labeled, result.labeled + result.errors) == (11, 4, 7)
+    assert {path: Path(path).read_bytes() for path in earlier} == earlier  # first run's files untouched
+
+    labels = read_labels(output)
+    assert len(labels) == 11 and labels["image_uri"].is_unique and set(labels["image_uri"]) == set(listed)
+    assert labels.set_index("image_uri").loc[str(folder / "b" / "empty.jpg"), "error"] == "empty file (0 bytes)"
+    good = labels[labels["error"].isna()]
+    expected = expected_p_male(str(tiny_model_dir), [Path(uri).read_bytes() for uri in good["image_uri"]])
+    np.testing.assert_allclose(good["p_male"], expected, atol=1e-5)
+
+    finished = labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output, resume=True))
+    assert (finished.already_labeled, finished.labeled, finished.errors) == (11, 0, 0)
+    assert len(read_labels(output)) == 11
+
+
+# --------------------------------------------------------------------------- fail fast, before any cluster work
+
+
+@pytest.fixture
+def inputs(tmp_path, real_faces):
+    """Small local inputs of every kind the checks must tell apart."""
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.table({"path": [real_faces["image_uri"].iloc[0]]}), tmp_path / "no_uri.parquet")
+    pq.write_table(pa.table({"image_uri": ["photos/a.jpg"]}), tmp_path / "relative.parquet")
+    pq.write_table(
+        pa.table({"image_uri": [real_faces["image_uri"].iloc[0]], "label": ["m"]}), tmp_path / "clash.parquet"
+    )
+    pq.write_table(pa.table({"image_uri": pa.array([], pa.string())}), tmp_path / "no_rows.parquet")
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"image_uri": ["x"]}), tmp_path / "labels" / "part.parquet")
+    (tmp_path / "model_without_weights").mkdir()
+    (tmp_path / "model_without_weights" / selection.CARD_FILE).write_text('{"name": "m", "input_size": [40, 32]}')
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("model", "source", "output", "message"),
+    [
+        ("missing_model", "FACE", "out", "no card.json"),
+        ("model_without_weights", "FACE", "out", "no model.keras"),
+        ("MODEL", "garbage.parquet", "out", "not a readable Parquet manifest"),
+        ("MODEL", "no_uri.parquet", "out", "manifest has no 'image_uri' column"),
+        ("MODEL", "relative.parquet", "out", "must be absolute paths or s3:// URIs"),
+        ("MODEL", "clash.parquet", "out", "['label'] would be overwritten"),
+        ("MODEL", "no_rows.parquet", "out", "manifest has no rows"),
+        ("MODEL", "empty_folder", "out", "empty input"),
+        ("MODEL", "nowhere", "out", "not found"),
+        ("MODEL", "FACE", "labels", "pass --resume"),
+    ],
+)
+def test_prepare_fails_fast_with_a_clear_message(inputs, tiny_model_dir, real_faces, model, source, output, message):
+    face_folder = str(Path(real_faces["image_uri"].iloc[0]).parent)
+    model_dir = str(tiny_model_dir) if model == "MODEL" else str(inputs / model)
+    source = face_folder if source == "FACE" else str(inputs / source)
+    with pytest.raises((labeling.LabelingError, FileNotFoundError), match=message.replace("[", r"\[")) as error:
+        labeling.prepare(labeling.LabelingOptions(model_dir, source, str(inputs / output)))
+    assert any(name in str(error.value) for name in (model_dir, source, str(inputs / output)))
+
+
+def test_empty_s3_prefix_and_missing_bucket_fail_fast(moto_server, monkeypatch, tiny_model_dir):
+    moto_server.activate(monkeypatch)
+    moto_server.create_bucket("photos-empty")
+    with pytest.raises(labeling.LabelingError, match=r"s3://photos-empty/2026/: not found"):
+        labeling.prepare(
+            labeling.LabelingOptions(str(tiny_model_dir), "s3://photos-empty/2026/", "s3://photos-empty/x")
+        )
+    storage.write_text("s3://photos-empty/2026/a.jpg", "x")
+    with pytest.raises(labeling.LabelingError, match="bucket 'no-such-bucket' does not exist"):
+        labeling.prepare(
+            labeling.LabelingOptions(str(tiny_model_dir), "s3://photos-empty/2026/", "s3://no-such-bucket/x")
+        )
+
+
+def test_options_are_checked():
+    with pytest.raises(labeling.LabelingError, match="batch size"):
+        labeling.LabelingOptions("m", "i", "o", batch_size=0)
+    with pytest.raises(labeling.LabelingError, match="threshold"):
+        labeling.LabelingOptions("m", "i", "o", threshold=1.5)
+
+
+def test_job_entry_point_fails_fast_without_starting_ray(tmp_path):
+    """``ray job submit ... python jobs/label.py`` with a wrong model: exit 2 and a clear message, no Ray started."""
+    command = [sys.executable, "jobs/label.py", "--model", str(tmp_path / "nope"), "--input", str(tmp_path)]
+    finished = subprocess.run([*command, "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert finished.returncode == 2
+    assert f"genderrec label: error: {tmp_path / 'nope'}: no card.json" in finished.stderr
+    assert "Ray" not in finished.stderr

@@ -1,0 +1,334 @@
+"""Serve a model directory over HTTP with Ray Serve: a JSON API for programs and a page for people.
+
+One FastAPI app is the ingress of one deployment. Each replica loads the model once, decodes uploads
+with the same :func:`genderrec.images.load_image` that training used, and runs the model on dynamic
+batches (``@serve.batch``) gathered across concurrent requests; outputs always pass through the card's
+calibration. Bad input is answered with a status and a sentence naming the image and the problem, and
+never touches the model, so the replica stays healthy. Only the API, its docs and the page are served.
+
+``app_builder`` is the application builder that ``serve run configs/serve.yaml``, ``serve deploy`` and
+``genderrec serve`` call with the ``args`` of the config.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at runtime.
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from genderrec import images, selection, storage
+
+IMPORT_PATH = "genderrec.serving:app_builder"
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+RAW_MEDIA_TYPES = ("application/octet-stream",)  # besides image/*; RFC 9110 lets a missing type mean this
+NO_IMAGE = "no image in the request: send multipart files (curl -F image=@face.jpg) or a raw image body"
+PAGE = resources.files("genderrec").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+class ServeArgs(BaseModel):
+    """The builder's ``args`` (from ``configs/serve.yaml`` or ``genderrec serve``); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model directory (local or s3://) holding model.keras and card.json")
+    max_batch_size: int = Field(default=16, ge=1, description="most images per model call; 1 turns batching off")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="longest wait for a batch to fill")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="requests a replica accepts at once")
+    num_replicas: int | None = Field(default=None, ge=1, description="a fixed replica count (else autoscaling)")
+    autoscaling_config: AutoscalingConfig | None = None
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float | Literal["auto"] = Field(default="auto", description="'auto': 1 when the cluster has GPUs")
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1, description="larger requests get 413")
+    max_pixels: int = Field(default=images.DEFAULT_MAX_PIXELS, ge=1, description="larger images get 422 (bombs)")
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas (fixed) or autoscaling_config, not both")
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError("max_batch_size must not exceed max_ongoing_requests (batches could never fill)")
+        return self
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="class name: p_male >= the card's threshold gives 'male'")
+    p_male: float = Field(description="calibrated probability that the face is male")
+    model: str = Field(description="name of the model (from its card)")
+    latency_ms: float = Field(description="time on the server, from receiving the request to this answer")
+    batch_size: int = Field(description="how many images the model ran on together with this one")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="one per image, in request order")
+
+
+class Upload(NamedTuple):
+    name: str  # how errors name it: "request body" or "file 'x.jpg' (field 'image')"
+    data: bytes
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def _is_image_type(media_type: str) -> bool:
+    return media_type.startswith("image/") or media_type in RAW_MEDIA_TYPES
+
+
+async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """Pass the body through, refusing it (413) as soon as it grows over ``max_bytes``."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > max_bytes:
+            raise HTTPException(413, f"request body is over the limit of {max_bytes} bytes")
+        yield chunk
+
+
+async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
+    """The images of a predict request, in order: each multipart file, or the whole body as one image."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"request body is {declared} bytes, over the limit of {max_bytes} bytes")
+    media_type = _media_type(request.headers.get("content-type", RAW_MEDIA_TYPES[0]))
+    body = _limited(request.stream(), max_bytes)
+    if media_type == "multipart/form-data":
+        return await _multipart_uploads(request.headers, body)
+    if not _is_image_type(media_type):
+        raise HTTPException(
+            415,
+            f"content type {media_type!r} is not supported: send multipart/form-data files or a raw image "
+            "body (image/jpeg, image/png, image/webp or application/octet-stream)",
+        )
+    data = b"".join([chunk async for chunk in body])
+    if not data:
+        raise HTTPException(400, NO_IMAGE)
+    return [Upload("request body", data)]
+
+
+async def _multipart_uploads(headers: Headers, body: AsyncIterator[bytes]) -> list[Upload]:
+    try:
+        form = await MultiPartParser(headers, body).parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    uploads, text_fields = [], []
+    for field, value in form.multi_items():
+        if not isinstance(value, UploadFile):
+            text_fields.append(field)
+            continue
+        data = await value.read()
+        await value.close()
+        if not data and not value.filename:  # what a browser sends for an empty file input
+            continue
+        name = f"file {value.filename!r} (field {field!r})"
+        media_type = _media_type(value.content_type or RAW_MEDIA_TYPES[0])
+        if not _is_image_type(media_type):
+            raise HTTPException(415, f"{name} has content type {media_type!r}, not an image")
+        uploads.append(Upload(name, data))
+    if not uploads:
+        hint = f"; the form has only text fields {text_fields} (a file needs '@' in curl -F)" if text_fields else ""
+        raise HTTPException(400, NO_IMAGE + hint)
+    return uploads
+
+
+app = FastAPI(
+    title="genderrec",
+    summary="Predict the CelebA 'Male' attribute of face photos with the selected model.",
+    redoc_url=None,
+)
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@serve.deployment
+@serve.ingress(app)
+class GenderClassifier:
+    """One replica: the model, loaded once, behind the API and the page."""
+
+    def __init__(self, args: ServeArgs):
+        storage.configure_s3(args.s3_endpoint, args.s3_region)
+        self.args = args
+        self.model, self.card = selection.load_selected(args.model)
+        self.input_size = tuple(self.card["input_size"])
+        self.crop_box = tuple(self.card["crop_box"]) if self.card.get("crop_box") else None
+        self.failure: str | None = None
+        self._predict_batch.set_max_batch_size(args.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        # Trace the predict function for batch sizes 1 and 2: Keras then generalises it to any batch size,
+        # so no request pays for tracing.
+        for size in (1, 2):
+            self.model.predict_on_batch(np.zeros((size, *self.input_size, 3), dtype=np.float32))
+
+    def check_health(self):
+        """Serve's periodic health check: a replica whose model fails on valid input is replaced."""
+        if self.failure:
+            raise RuntimeError(self.failure)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> str:
+        return PAGE
+
+    @app.get("/healthz", summary="200 once this replica has loaded its model and can predict")
+    def healthz(self) -> dict:
+        if self.failure:
+            raise HTTPException(503, self.failure)
+        return {"status": "ready", "model": self.card["name"]}
+
+    @app.get("/v1/model", summary="The model card: architecture, mode, input size, metrics, calibration")
+    def model_card(self) -> dict:
+        return self.card
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        summary="Classify one or more images (multipart files, or one raw image body)",
+        openapi_extra=_PREDICT_BODY,
+        responses={
+            400: {"description": "no image in the request, or a malformed multipart body"},
+            413: {"description": "request body over the size limit"},
+            415: {"description": "not an image content type"},
+            422: {"description": "corrupt image, or too many pixels (decompression bomb)"},
+        },
+    )
+    async def predict(self, request: Request) -> PredictResponse:
+        started = time.perf_counter()
+        uploads = await read_uploads(request, self.args.max_body_bytes)
+        pixels = await asyncio.to_thread(self._decode_all, uploads)
+        results = await asyncio.gather(*(self._predict_batch(item) for item in pixels))
+        latency_ms = (time.perf_counter() - started) * 1000
+        threshold = self.card.get("threshold", 0.5)
+        female, male = self.card.get("class_names", selection.CLASS_NAMES)
+        return PredictResponse(
+            predictions=[
+                Prediction(
+                    label=male if p_male >= threshold else female,
+                    p_male=p_male,
+                    model=self.card["name"],
+                    latency_ms=latency_ms,
+                    batch_size=batch_size,
+                )
+                for p_male, batch_size in results
+            ]
+        )
+
+    def _decode_all(self, uploads: list[Upload]) -> list[np.ndarray]:
+        pixels = []
+        for upload in uploads:
+            try:
+                pixels.append(images.load_image(upload.data, self.input_size, self.crop_box, self.args.max_pixels))
+            except images.ImageDecodeError as exc:
+                raise HTTPException(422, f"{upload.name}: {exc}") from None
+        return pixels
+
+    @serve.batch
+    async def _predict_batch(self, batch: list[np.ndarray]) -> list[tuple[float, int]]:
+        """One model call for images gathered across requests; returns (calibrated p_male, batch size) each."""
+        try:
+            outputs = await asyncio.to_thread(self.model.predict_on_batch, np.stack(batch))
+        except Exception as exc:
+            self.failure = f"model failed on a batch of {len(batch)} valid images: {exc!r}"
+            raise
+        p_male = selection.apply_calibration(np.asarray(outputs).reshape(len(batch)), self.card)
+        return [(float(value), len(batch)) for value in p_male]
+
+
+def _gpus_per_replica(num_gpus: float | Literal["auto"]) -> float:
+    if num_gpus != "auto":
+        return num_gpus
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def app_builder(args: ServeArgs) -> serve.Application:
+    """Ray Serve application builder: ``args`` (a mapping or :class:`ServeArgs`) → the bound deployment."""
+    args = ServeArgs.model_validate(args)
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    model_dir = args.model if storage.is_s3(args.model) else str(Path(args.model).expanduser().absolute())
+    selection.read_card(model_dir)  # a wrong path fails here, with its name, not in every replica
+    scaling = (
+        {"autoscaling_config": args.autoscaling_config}
+        if args.autoscaling_config is not None
+        else {"num_replicas": args.num_replicas or 1}
+    )
+    deployment = GenderClassifier.options(
+        max_ongoing_requests=args.max_ongoing_requests,
+        health_check_period_s=args.health_check_period_s,
+        health_check_timeout_s=args.health_check_timeout_s,
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": _gpus_per_replica(args.num_gpus)},
+        **scaling,
+    )
+    return deployment.bind(args.model_copy(update={"model": model_dir}))
+
+
+def read_config(path: str) -> ServeDeploySchema:
+    """Read a Serve config file, validated by Serve's own schema and, strictly, our builder's ``args``."""
+    import yaml
+
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid Serve config: {exc}") from None
+    application(config, path)
+    return config
+
+
+def application(config: ServeDeploySchema, source: str = "<config>") -> ServeApplicationSchema:
+    """The config's application that runs this module (its ``args`` checked against :class:`ServeArgs`)."""
+    ours = [app for app in config.applications if app.import_path == IMPORT_PATH]
+    if not ours:
+        raise ValueError(f"{source}: no application with import_path {IMPORT_PATH}")
+    try:
+        ServeArgs.model_validate(ours[0].args)
+    except ValueError as exc:
+        raise ValueError(f"{source}: application {ours[0].name!r} args: {exc}") from None
+    return ours[0]
+
+
+def start(config_path: str | None = None, overrides: dict | None = None, host: str | None = None, port=None) -> str:
+    """Deploy the app on the connected Ray as ``serve run`` would, and return its URL.
+
+    Settings come from a Serve config file (its ``http_options`` and our application's name, route and
+    ``args``) or the defaults (127.0.0.1:8000), then ``overrides`` of the args, then ``host``/``port``.
+    """
+    app_args, http, name, route_prefix = {}, {"host": "127.0.0.1", "port": 8000}, "genderrec", "/"
+    if config_path:
+        config = read_config(config_path)
+        app = application(config, config_path)
+        app_args, name, route_prefix = dict(app.args), app.name, app.route_prefix or "/"
+        http = {"host": config.http_options.host, "port": config.http_options.port}
+    app_args.update(overrides or {})
+    http.update({key: value for key, value in {"host": host, "port": port}.items() if value})
+    built = app_builder(app_args)
+    serve.start(http_options=http)
+    serve.run(built, name=name, route_prefix=route_prefix)
+    return f"http://{http['host']}:{http['port']}{route_prefix}"

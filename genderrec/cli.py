@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from genderrec import storage
-from genderrec.config import ConfigError, load_config
+from genderrec.config import ConfigError, apply_override, load_config
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +95,27 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ray import serve
+
+    from genderrec import serving
+
+    overrides = {}
+    for item in args.set or []:
+        apply_override(overrides, item)
+    flags = {"model": args.model, "s3_endpoint": args.s3_endpoint, "s3_region": args.s3_region}
+    overrides.update({key: value for key, value in flags.items() if value})
+    init_ray(args.address)
+    url = serving.start(args.config, overrides, host=args.host, port=args.port)
+    print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(60)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genderrec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(label)
     label.set_defaults(func=cmd_label)
+
+    serve_ = commands.add_parser("serve", help="serve a model directory over HTTP (API + web page) with Ray Serve")
+    serve_.add_argument("--model", help="model directory (model.keras + card.json), local or s3://")
+    serve_.add_argument("--config", help="Serve config file, e.g. configs/serve.yaml (default: built-in defaults)")
+    serve_.add_argument("--host", help="address to bind (default: the config's, else 127.0.0.1)")
+    serve_.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
+    serve_.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a builder arg, e.g. max_batch_size=32 or autoscaling_config.max_replicas=8",
+    )
+    serve_.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
+    _storage_flags(serve_)
+    serve_.set_defaults(func=cmd_serve)
     return parser
 
 

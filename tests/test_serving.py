@@ -1,0 +1,301 @@
+"""The Ray Serve app, end to end: `genderrec serve --config configs/serve.yaml` on the session's local Ray, real HTTP.
+
+One deployment serves the whole module (a replica loads TensorFlow, which is the slow part). Its model is the
+tiny test model with a temperature in its card, so every comparison also checks that calibration is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from test_images import png_with_declared_size
+
+from genderrec import images, selection, serving
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = REPO / "configs" / "serve.yaml"
+ARTIFACTS = REPO / "artifacts" / "serving"
+STARTUP_TIMEOUT_S = 600
+TEMPERATURE = 2.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_model(tiny_model_dir, tmp_path_factory):
+    """A copy of the tiny model directory whose card carries a calibration temperature."""
+    model_dir = tmp_path_factory.mktemp("served") / "selected"
+    shutil.copytree(tiny_model_dir, model_dir)
+    card = selection.read_card(str(model_dir))
+    selection.write_card(str(model_dir), {**card, "temperature": TEMPERATURE})
+    model, card = selection.load_selected(str(model_dir))
+    return model_dir, model, card
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, served_model, tmp_path_factory):
+    """`genderrec serve` started as a user would, on the session's Ray; stopped with Ctrl-C (SIGINT) at the end."""
+    from ray import serve
+
+    model_dir = served_model[0]
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "genderrec-serve.log"
+    command = [
+        sys.executable,
+        "-m",
+        "genderrec",
+        "serve",
+        "--config",
+        str(SERVE_CONFIG),
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--address",
+        ray_session.get_runtime_context().gcs_address,
+        "--set",
+        "max_batch_size=8",
+        "--set",
+        "batch_wait_timeout_s=0.05",
+        "--set",
+        "autoscaling_config={min_replicas: 1, max_replicas: 1}",
+    ]
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, process, log)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed after 120 s"
+        serve.shutdown()  # a no-op when Ctrl-C already shut Serve down
+    assert code == 0, f"genderrec serve did not stop cleanly on Ctrl-C ({code}); log: {log}"
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"genderrec serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"genderrec serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def faces(real_faces):
+    """Eight real faces as (file name, bytes)."""
+    paths = [Path(uri) for uri in real_faces["image_uri"].iloc[::8]]
+    return [(path.name, path.read_bytes()) for path in paths]
+
+
+def expected_p_male(served_model, datas) -> np.ndarray:
+    """What the app must answer: the card's calibration applied to `model.predict` on the shared decoder's pixels."""
+    _, model, card = served_model
+    pixels = np.stack([images.load_image(data, tuple(card["input_size"]), card["crop_box"]) for data in datas])
+    return selection.apply_calibration(model.predict(pixels, verbose=0)[:, 0], card)
+
+
+def predict(client: httpx.Client, **request) -> list[dict]:
+    response = client.post("/v1/predict", **request)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def test_serve_config_validates_with_serve_schema():
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serving.read_config(str(SERVE_CONFIG))
+    assert isinstance(config, ServeDeploySchema)
+    assert (config.http_options.host, config.http_options.port) == ("127.0.0.1", 8000)
+    app = serving.application(config)
+    assert import_attr(app.import_path) is serving.app_builder
+    args = serving.ServeArgs.model_validate(app.args)
+    assert args.max_body_bytes == 10 * 1024 * 1024 and args.autoscaling_config.max_replicas >= 1
+
+
+def test_builder_args_are_strict(tmp_path):
+    with pytest.raises(ValueError, match="max_batch_sise"):
+        serving.ServeArgs.model_validate({"model": "m", "max_batch_sise": 8})
+    with pytest.raises(ValueError, match="not both"):
+        serving.ServeArgs(model="m", num_replicas=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    with pytest.raises(FileNotFoundError, match="no card.json"):
+        serving.app_builder({"model": str(tmp_path)})
+    broken = tmp_path / "serve.yaml"
+    broken.write_text(SERVE_CONFIG.read_text().replace("max_batch_size:", "max_batch:"))
+    with pytest.raises(
+        ValueError, match=r"(?s)serve.yaml: application 'genderrec' args: .*max_batch\n.*Extra inputs are not permitted"
+    ):
+        serving.read_config(str(broken))
+
+
+def test_predictions_equal_model_predict(base_url, served_model, faces):
+    expected = expected_p_male(served_model, [data for _, data in faces])
+    card = served_model[2]
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        files = [("image", (name, data, "image/jpeg")) for name, data in faces]
+        several = predict(client, files=files)
+        raw = [predict(client, content=data, headers={"content-type": "image/jpeg"})[0] for _, data in faces[:2]]
+    assert len(several) == len(faces)
+    assert np.allclose([item["p_male"] for item in several], expected, atol=1e-5, rtol=0)
+    assert np.allclose([item["p_male"] for item in raw], expected[:2], atol=1e-5, rtol=0)
+    for item, p_male in zip(several, expected, strict=True):
+        assert item["label"] == ("male" if p_male >= card["threshold"] else "female")
+        assert item["model"] == card["name"] and item["latency_ms"] > 0 and item["batch_size"] >= 1
+
+
+def test_health_card_docs_and_nothing_else(base_url, served_model):
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        assert client.get("/healthz").json() == {"status": "ready", "model": "googlenet_fine_tune"}
+        assert client.get("/v1/model").json() == served_model[2]
+        assert "swagger" in client.get("/docs").text.lower()
+        assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
+        page = client.get("/")
+        assert page.headers["content-type"].startswith("text/html") and 'type="file"' in page.text
+        assert "http://" not in page.text and "https://" not in page.text  # no CDN: the page is self-contained
+        for path in ("/static/index.html", "/genderrec/serving.py", "/card.json", "/model.keras", "/%2e%2e/etc/passwd"):
+            assert client.get(path).status_code == 404, path
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "detail"),
+    [
+        ({"content": b"some text", "headers": {"content-type": "text/plain"}}, 415, "content type 'text/plain'"),
+        ({"files": {"image": ("notes.txt", b"some text", "text/plain")}}, 415, "'notes.txt'"),
+        ({"content": b"not a picture at all", "headers": {"content-type": "image/png"}}, 422, "not an image"),
+        ({"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 422, "'empty.jpg'.*empty file"),
+        ({"content": png_with_declared_size(60_000, 60_000)}, 422, "decompression bomb"),
+        ({"content": png_with_declared_size(10_000, 5_000)}, 422, "50 Mpx, over the limit of 40 Mpx"),
+        ({"content": b""}, 400, "no image"),
+        ({"data": {"image": "face.jpg"}}, 415, "x-www-form-urlencoded"),
+        ({"files": {"image": (None, b"face.jpg")}}, 400, r"no image.*text fields \['image'\]"),
+        ({"content": b"\0" * (10 * 1024 * 1024 + 1)}, 413, "over the limit of 10485760 bytes"),
+    ],
+    ids=[
+        "text-body",
+        "text-file",
+        "not-an-image",
+        "empty-file",
+        "bomb",
+        "over-max-pixels",
+        "empty-body",
+        "urlencoded-form",
+        "text-field-only",
+        "body-over-10MB",
+    ],
+)
+def test_bad_input_gets_its_status_and_the_replica_stays_healthy(base_url, faces, request_kwargs, status, detail):
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        response = client.post("/v1/predict", **request_kwargs)
+        assert response.status_code == status, response.text
+        assert re.search(detail, response.json()["detail"]), response.json()
+        assert len(predict(client, content=faces[0][1])) == 1
+        assert client.get("/healthz").status_code == 200
+
+
+def test_truncated_image_among_good_ones_is_named(base_url, faces):
+    name, data = faces[0]
+    files = [("image", (name, data, "image/jpeg")), ("image", ("cut.jpg", data[: len(data) // 2], "image/jpeg"))]
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        response = client.post("/v1/predict", files=files)
+        assert response.status_code == 422
+        assert "file 'cut.jpg' (field 'image'): corrupt or truncated image" in response.json()["detail"]
+        assert len(predict(client, files=files[:1])) == 1
+
+
+def test_32_concurrent_requests_all_succeed_and_are_batched(base_url, served_model, faces):
+    expected = dict(
+        zip([name for name, _ in faces], expected_p_male(served_model, [data for _, data in faces]), strict=True)
+    )
+    requests = [faces[index % len(faces)] for index in range(32)]
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
+            return await asyncio.gather(*(client.post("/v1/predict", content=data) for _, data in requests))
+
+    responses = asyncio.run(send_all())
+    assert [response.status_code for response in responses] == [200] * 32
+    answers = [response.json()["predictions"][0] for response in responses]
+    for (name, _), answer in zip(requests, answers, strict=True):
+        assert answer["p_male"] == pytest.approx(expected[name], abs=1e-5)  # batching never mixes up answers
+    batch_sizes = [answer["batch_size"] for answer in answers]
+    print(f"batch sizes seen by 32 concurrent requests: {sorted(batch_sizes)}")
+    assert max(batch_sizes) > 1 and max(batch_sizes) <= 8
+
+
+def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=900,1000",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    face = celeba_dir / "img_align_celeba" / faces[0][0]
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        expected_label = predict(client, content=face.read_bytes())[0]["label"]
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not a photo")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(base_url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "googlenet_fine_tune" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(str(face))
+        wait.until(lambda d: d.find_element(By.ID, "label").text)
+        assert driver.find_element(By.ID, "label").text == expected_label
+        assert driver.find_element(By.ID, "preview").is_displayed()
+        bar_width = driver.execute_script("return document.getElementById('bar-male').style.width")
+        assert bar_width.endswith("%") and 0 <= float(bar_width[:-1]) <= 100
+        assert driver.find_element(By.ID, "error").text == ""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        screenshot = ARTIFACTS / "page.png"
+        driver.save_screenshot(str(screenshot))
+        print(f"screenshot of the page: {screenshot}")
+
+        driver.find_element(By.ID, "file").send_keys(str(not_an_image))
+        wait.until(lambda d: d.find_element(By.ID, "error").text)
+        error = driver.find_element(By.ID, "error").text
+        assert "notes.txt" in error and "HTTP 415" in error and "not an image" in error
+        driver.save_screenshot(str(ARTIFACTS / "page-error.png"))
+    finally:
+        driver.quit()

@@ -427,9 +427,12 @@ class LoopbackCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             "GENDERREC_TEST_CLUSTER": str(self.root),
         }
+        self.nodes: list[subprocess.Popen] = []
+        self.dashboard = ""
+
+    def start(self) -> None:
         gcs, dashboard, client, head_agent, worker_agent = free_ports(5)
         self.dashboard = f"http://127.0.0.1:{dashboard}"
-        self.nodes: list[subprocess.Popen] = []
         common = [
             "--node-ip-address",
             "127.0.0.1",
@@ -502,6 +505,11 @@ class LoopbackCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
             node.wait(timeout=60)
+            deadline = time.monotonic() + 30
+            with contextlib.suppress(ProcessLookupError):
+                while time.monotonic() < deadline:  # until the last of the group is gone (or reaped)
+                    os.killpg(node.pid, 0)
+                    time.sleep(0.5)
         marker = f"GENDERREC_TEST_CLUSTER={self.root}".encode()
         for proc in Path("/proc").iterdir():
             try:
@@ -514,13 +522,12 @@ class LoopbackCluster:
 
 @pytest.fixture
 def loopback_cluster():
-    cluster = None
+    cluster = LoopbackCluster()
     try:
-        cluster = LoopbackCluster()
+        cluster.start()
         yield cluster
     finally:
-        if cluster is not None:
-            cluster.stop()
+        cluster.stop()
 
 
 def job_output(result: subprocess.CompletedProcess) -> str:

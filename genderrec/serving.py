@@ -280,11 +280,14 @@ def app_builder(args: ServeArgs) -> serve.Application:
         if args.autoscaling_config is not None
         else {"num_replicas": args.num_replicas or 1}
     )
+    actor_options = {"num_cpus": args.num_cpus, "num_gpus": _gpus_per_replica(args.num_gpus)}
+    if 0 < actor_options["num_gpus"] < 1:  # replicas share a GPU: TensorFlow must not reserve all of its memory
+        actor_options["runtime_env"] = {"env_vars": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}}
     deployment = GenderClassifier.options(
         max_ongoing_requests=args.max_ongoing_requests,
         health_check_period_s=args.health_check_period_s,
         health_check_timeout_s=args.health_check_timeout_s,
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": _gpus_per_replica(args.num_gpus)},
+        ray_actor_options=actor_options,
         **scaling,
     )
     return deployment.bind(args.model_copy(update={"model": model_dir}))

@@ -154,6 +154,20 @@ def test_builder_args_are_strict(tmp_path):
         serving.read_config(str(broken))
 
 
+def test_builder_sets_replica_options(ray_session, tiny_model_dir):
+    args = {"model": str(tiny_model_dir), "max_ongoing_requests": 32, "health_check_period_s": 5}
+    shared_gpu = serving.app_builder({**args, "num_gpus": 0.5, "autoscaling_config": {"max_replicas": 3}})
+    deployment = shared_gpu._bound_deployment  # what Serve deploys (Serve's own tests read it the same way)
+    assert deployment.max_ongoing_requests == 32
+    assert deployment._deployment_config.health_check_period_s == 5
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment.ray_actor_options["num_gpus"] == 0.5
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"] == {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    fixed = serving.app_builder({**args, "num_replicas": 2})._bound_deployment
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options["num_gpus"] == 0  # 'auto': the session has no GPU
+    assert fixed.init_args[0].model == str(tiny_model_dir)
+
+
 def test_predictions_equal_model_predict(base_url, served_model, faces):
     expected = expected_p_male(served_model, [data for _, data in faces])
     card = served_model[2]

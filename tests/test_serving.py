@@ -209,6 +209,7 @@ def test_health_card_docs_and_nothing_else(base_url, served_model):
         ({"data": {"image": "face.jpg"}}, 415, "x-www-form-urlencoded"),
         ({"files": {"image": (None, b"face.jpg")}}, 400, r"no image.*text fields \['image'\]"),
         ({"content": b"\0" * (10 * 1024 * 1024 + 1)}, 413, "over the limit of 10485760 bytes"),
+        ({"content": iter([b"\0" * 4 * 1024 * 1024] * 3)}, 413, "over the limit of 10485760 bytes"),  # chunked
     ],
     ids=[
         "text-body",
@@ -221,6 +222,7 @@ def test_health_card_docs_and_nothing_else(base_url, served_model):
         "urlencoded-form",
         "text-field-only",
         "body-over-10MB",
+        "chunked-body-over-10MB",
     ],
 )
 def test_bad_input_gets_its_status_and_the_replica_stays_healthy(base_url, faces, request_kwargs, status, detail):

@@ -95,18 +95,6 @@ async def load(url: str, blobs: list[bytes], concurrency: int, max_requests: int
     }
 
 
-def wait_healthy(url: str, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=10).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
-
-
 def run_setting(model_dir: str, port: int, max_batch_size: int, wait_s: float, blobs, args) -> list[dict]:
     """Deploy the app with one replica and this batching, warm it up, then load it at each concurrency."""
     overrides = {
@@ -117,8 +105,7 @@ def run_setting(model_dir: str, port: int, max_batch_size: int, wait_s: float, b
         "num_gpus": 0,
         "max_ongoing_requests": 64,
     }
-    url = serving.start(None, overrides, host=HOST, port=port).rstrip("/")
-    wait_healthy(url)
+    url = serving.start(None, overrides, host=HOST, port=port).rstrip("/")  # returns once the replica is up
     rows = []
     for concurrency in CONCURRENCIES:
         asyncio.run(load(url, blobs, concurrency, 2 * concurrency, args.seconds))  # warm-up, not measured

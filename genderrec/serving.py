@@ -29,6 +29,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from genderrec import images, selection, storage
+from genderrec.config import apply_override
 
 IMPORT_PATH = "genderrec.serving:app_builder"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -269,12 +270,18 @@ def _gpus_per_replica(num_gpus: float | Literal["auto"]) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def app_builder(args: ServeArgs) -> serve.Application:
-    """Ray Serve application builder: ``args`` (a mapping or :class:`ServeArgs`) → the bound deployment."""
-    args = ServeArgs.model_validate(args)
+def _model_dir(args: ServeArgs) -> str:
+    """The model directory as replicas must see it (local paths made absolute), checked to hold a model card."""
     storage.configure_s3(args.s3_endpoint, args.s3_region)
     model_dir = args.model if storage.is_s3(args.model) else str(Path(args.model).expanduser().absolute())
     selection.read_card(model_dir)  # a wrong path fails here, with its name, not in every replica
+    return model_dir
+
+
+def app_builder(args: ServeArgs) -> serve.Application:
+    """Ray Serve application builder: ``args`` (a mapping or :class:`ServeArgs`) → the bound deployment."""
+    args = ServeArgs.model_validate(args)
+    model_dir = _model_dir(args)
     scaling = (
         {"autoscaling_config": args.autoscaling_config}
         if args.autoscaling_config is not None
@@ -317,21 +324,38 @@ def application(config: ServeDeploySchema, source: str = "<config>") -> ServeApp
     return ours[0]
 
 
-def start(config_path: str | None = None, overrides: dict | None = None, host: str | None = None, port=None) -> str:
-    """Deploy the app on the connected Ray as ``serve run`` would, and return its URL.
+class ServeSettings(NamedTuple):
+    """What ``genderrec serve`` deploys: builder args, Serve's HTTP options, application name and route."""
 
-    Settings come from a Serve config file (its ``http_options`` and our application's name, route and
-    ``args``) or the defaults (127.0.0.1:8000), then ``overrides`` of the args, then ``host``/``port``.
-    """
+    args: ServeArgs
+    http_options: dict
+    name: str = "genderrec"
+    route_prefix: str = "/"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_options['host']}:{self.http_options['port']}{self.route_prefix}"
+
+
+def settings(config_path: str | None = None, overrides=(), *, host=None, port=None, **arg_values) -> ServeSettings:
+    """Settings from a Serve config file (or the defaults, 127.0.0.1:8000), then ``key.sub=value`` overrides of its
+    args, then ``arg_values`` and ``host``/``port`` (None: keep); checked, model card included, before Ray starts."""
     app_args, http, name, route_prefix = {}, {"host": "127.0.0.1", "port": 8000}, "genderrec", "/"
     if config_path:
         config = read_config(config_path)
         app = application(config, config_path)
         app_args, name, route_prefix = dict(app.args), app.name, app.route_prefix or "/"
         http = {"host": config.http_options.host, "port": config.http_options.port}
-    app_args.update(overrides or {})
-    http.update({key: value for key, value in {"host": host, "port": port}.items() if value})
-    built = app_builder(app_args)
-    serve.start(http_options=http)
-    serve.run(built, name=name, route_prefix=route_prefix)
-    return f"http://{http['host']}:{http['port']}{route_prefix}"
+    for override in overrides:
+        apply_override(app_args, override)
+    app_args.update({key: value for key, value in arg_values.items() if value is not None})
+    http.update({key: value for key, value in {"host": host, "port": port}.items() if value is not None})
+    args = ServeArgs.model_validate(app_args)
+    return ServeSettings(args.model_copy(update={"model": _model_dir(args)}), http, name, route_prefix)
+
+
+def start(settings: ServeSettings) -> str:
+    """Start Serve's HTTP proxy and deploy the app on the connected Ray, as ``serve run`` would; returns its URL."""
+    serve.start(http_options=settings.http_options)
+    serve.run(app_builder(settings.args), name=settings.name, route_prefix=settings.route_prefix)
+    return settings.url

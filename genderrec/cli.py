@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from genderrec import storage
-from genderrec.config import ConfigError, apply_override, load_config
+from genderrec.config import ConfigError, load_config
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,13 +100,17 @@ def cmd_serve(args) -> int:
 
     from genderrec import serving
 
-    overrides = {}
-    for item in args.set or []:
-        apply_override(overrides, item)
-    flags = {"model": args.model, "s3_endpoint": args.s3_endpoint, "s3_region": args.s3_region}
-    overrides.update({key: value for key, value in flags.items() if value})
+    settings = serving.settings(
+        args.config,
+        args.set or [],
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        s3_endpoint=args.s3_endpoint,
+        s3_region=args.s3_region,
+    )
     init_ray(args.address)
-    url = serving.start(args.config, overrides, host=args.host, port=args.port)
+    url = serving.start(settings)
     print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops it")
     try:
         while True:

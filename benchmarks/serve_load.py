@@ -105,7 +105,7 @@ def run_setting(model_dir: str, port: int, max_batch_size: int, wait_s: float, b
         "num_gpus": 0,
         "max_ongoing_requests": 64,
     }
-    url = serving.start(None, overrides, host=HOST, port=port).rstrip("/")  # returns once the replica is up
+    url = serving.start(serving.settings(host=HOST, port=port, **overrides)).rstrip("/")  # returns once it is up
     rows = []
     for concurrency in CONCURRENCIES:
         asyncio.run(load(url, blobs, concurrency, 2 * concurrency, args.seconds))  # warm-up, not measured

@@ -73,7 +73,7 @@ def base_url(ray_session, served_model, tmp_path_factory):
         "--set",
         "batch_wait_timeout_s=0.05",
         "--set",
-        "autoscaling_config={min_replicas: 1, max_replicas: 1}",
+        "autoscaling_config.max_replicas=1",
     ]
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
@@ -137,6 +137,21 @@ def test_serve_config_validates_with_serve_schema():
     assert import_attr(app.import_path) is serving.app_builder
     args = serving.ServeArgs.model_validate(app.args)
     assert args.max_body_bytes == 10 * 1024 * 1024 and args.autoscaling_config.max_replicas >= 1
+
+
+def test_settings_merge_the_config_overrides_and_flags(tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    settings = serving.settings(
+        str(SERVE_CONFIG), ["autoscaling_config.max_replicas=1", "max_batch_size=8"], port=9000, model="selected"
+    )
+    assert settings.args.model == str(tiny_model_dir)  # relative paths become absolute for the replicas
+    assert settings.args.max_batch_size == 8 and settings.args.batch_wait_timeout_s == 0.01
+    scaling = settings.args.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 1, 16)
+    assert settings.url == "http://127.0.0.1:9000/"
+    assert serving.settings(model=str(tiny_model_dir)).url == "http://127.0.0.1:8000/"  # no config: loopback
+    with pytest.raises(FileNotFoundError, match="no card.json"):
+        serving.settings(str(SERVE_CONFIG))  # its model, runs/local/selected, is not under the test's folder
 
 
 def test_builder_args_are_strict(tmp_path):

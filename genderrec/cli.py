@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from genderrec import storage
-from genderrec.config import ConfigError, load_config
+from genderrec.config import ConfigError, load_config, read_yaml
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,22 +75,38 @@ def cmd_train_all(args) -> int:
     return 0
 
 
+def _flags_over_config_file(args) -> dict:
+    """The subcommand's settings: its ``--config`` YAML (keys are the flag names), then the flags given (they win).
+
+    Flags default to None so that a flag left out never hides the file's value; unknown keys are errors.
+    """
+    flags = {key: value for key, value in vars(args).items() if key not in ("command", "func", "config")}
+    values = read_yaml(args.config) if args.config else {}
+    unknown = sorted(set(values) - set(flags))
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown keys {unknown}; known: {sorted(flags)}")
+    return {**values, **{key: value for key, value in flags.items() if value is not None}}
+
+
 def cmd_label(args) -> int:
+    import dataclasses
+
     from genderrec import labeling
 
-    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    settings = _flags_over_config_file(args)
+    missing = [f"--{key}" for key in ("model", "input", "output") if not settings.get(key)]
+    if missing:
+        raise ConfigError(f"label needs {', '.join(missing)} (as flags or keys of --config)")
+    storage.configure_s3(settings.get("s3_endpoint"), settings.get("s3_region"))
+    option_names = {field.name for field in dataclasses.fields(labeling.LabelingOptions)}
     options = labeling.LabelingOptions(
-        model_dir=_absolute(args.model),
-        input_uri=_absolute(args.input),
-        output_uri=_absolute(args.output),
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        threshold=args.threshold,
-        resume=args.resume,
+        model_dir=_absolute(settings["model"]),
+        input_uri=_absolute(settings["input"]),
+        output_uri=_absolute(settings["output"]),
+        **{key: value for key, value in settings.items() if key in option_names},
     )
     plan = labeling.prepare(options)
-    init_ray(args.address)
+    init_ray(settings.get("address"))
     print(labeling.run(plan).report())
     return 0
 
@@ -147,15 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train_all)
 
-    label = commands.add_parser("label", help="label images (Parquet manifest or folder/s3:// prefix) with Ray Data")
-    label.add_argument("--model", required=True, help="model directory (model.keras + card.json), local or s3://")
-    label.add_argument("--input", required=True, help="Parquet manifest with image_uri, or a folder / s3:// prefix")
-    label.add_argument("--output", required=True, help="output folder for Parquet labels, local or s3://")
-    label.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
-    label.add_argument("--actors", type=int, default=1, help="inference actors, each loads the model once (default 1)")
-    label.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor, e.g. 1 or 0.5 (default 0)")
+    label = commands.add_parser(
+        "label",
+        help="label images (Parquet manifest or folder/s3:// prefix) with Ray Data",
+        description="Every flag can also be a key of the --config YAML (e.g. configs/label.yaml); flags win.",
+    )
+    label.add_argument("--config", help="YAML whose keys are these flags' names, e.g. configs/label.yaml")
+    label.add_argument("--model", help="model directory (model.keras + card.json), local or s3:// (required)")
+    label.add_argument("--input", help="Parquet manifest with image_uri, or a folder / s3:// prefix (required)")
+    label.add_argument("--output", help="output folder for Parquet labels, local or s3:// (required)")
+    label.add_argument("--batch-size", type=int, help="images per inference batch (default 64)")
+    label.add_argument("--actors", type=int, help="inference actors, each loads the model once (default 1)")
+    label.add_argument("--gpus-per-actor", type=float, help="GPUs per actor, e.g. 1 or 0.5 (default 0)")
     label.add_argument("--threshold", type=float, help="p_male at or above it is labeled male (default: model card)")
-    label.add_argument("--resume", action="store_true", help="skip images already in the output (after a crash)")
+    label.add_argument(
+        "--resume", action="store_true", default=None, help="skip images already in the output (after a crash)"
+    )
+    label.add_argument("--max-pixels", type=int, help="larger images get an error row (default 40,000,000)")
     label.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(label)
     label.set_defaults(func=cmd_label)

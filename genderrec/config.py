@@ -238,8 +238,8 @@ def apply_override(raw: dict, override: str) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, expand, override and validate a YAML config; errors name the file and the key."""
+def read_yaml(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A YAML mapping with ``key.sub=value`` overrides applied and ``${VAR:-default}`` expanded."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -251,7 +251,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for override in overrides:
         apply_override(raw, override)
-    return parse_config(_expand_env(raw), source=str(path))
+    return _expand_env(raw)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, expand, override and validate a YAML config; errors name the file and the key."""
+    return parse_config(read_yaml(path, overrides), source=str(path))
 
 
 def parse_config(raw: dict, source: str = "<config>") -> Config:

@@ -164,7 +164,7 @@ def test_manifest_with_carried_columns_and_evaluation_on_moto(
     assert f"accuracy {hand['accuracy']:.4f}" in result.report()
 
 
-def test_local_folder_and_resume_after_a_partial_run(tmp_path, ray_session, tiny_model_dir, real_faces):
+def test_local_folder_and_resume_after_a_partial_run(tmp_path, capsys, ray_session, tiny_model_dir, real_faces):
     """A folder of images; a first run that labeled only some of them; ``resume`` finishes the rest, once each."""
     folder = tmp_path / "photos"
     for index, local in enumerate(real_faces["image_uri"].tail(10)):
@@ -194,9 +194,23 @@ def test_local_folder_and_resume_after_a_partial_run(tmp_path, ray_session, tiny
     expected = expected_p_male(str(tiny_model_dir), [Path(uri).read_bytes() for uri in good["image_uri"]])
     np.testing.assert_allclose(good["p_male"], expected, atol=1e-5)
 
-    finished = labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output, resume=True))
-    assert (finished.already_labeled, finished.labeled, finished.errors) == (11, 0, 0)
+    # Once more through `genderrec label --config`: the file's resume: false loses to the --resume flag.
+    config = tmp_path / "label.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ninput: {folder}\noutput: {output}\nbatch_size: 4\nresume: false\n")
+    assert cli.main(["label", "--config", str(config), "--resume"]) == 0
+    assert "rows in: 11" in capsys.readouterr().out
     assert len(read_labels(output)) == 11
+
+
+def test_label_config_file_is_strict(tmp_path, capsys):
+    """Unknown keys and missing required settings fail before any work, naming the file or the flag."""
+    config = tmp_path / "label.yaml"
+    config.write_text("model: m\ninput: i\noutput: o\nbatch_sise: 4\n")
+    assert cli.main(["label", "--config", str(config)]) == 2
+    assert f"{config}: unknown keys ['batch_sise']" in capsys.readouterr().err
+    config.write_text("model: m\ninput: i\n")
+    assert cli.main(["label", "--config", str(config)]) == 2
+    assert "label needs --output" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- fail fast, before any cluster work

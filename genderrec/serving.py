@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.config import AutoscalingConfig
@@ -148,10 +149,12 @@ async def _multipart_uploads(headers: Headers, body: AsyncIterator[bytes]) -> li
     return uploads
 
 
-app = FastAPI(
+# FastAPIOffline: FastAPI whose /docs serves Swagger UI from the installed package, not a CDN (offline clusters).
+app = FastAPIOffline(
     title="genderrec",
     summary="Predict the CelebA 'Male' attribute of face photos with the selected model.",
     redoc_url=None,
+    static_url="/docs-assets",
 )
 
 _PREDICT_BODY = {

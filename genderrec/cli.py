@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 from genderrec import storage
 from genderrec.config import ConfigError, load_config, read_yaml
@@ -15,11 +14,6 @@ from genderrec.config import ConfigError, load_config, read_yaml
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO/Ceph/R2); default: AWS")
     parser.add_argument("--s3-region", help="S3 region")
-
-
-def _absolute(uri: str) -> str:
-    """Local paths become absolute, so that Ray workers (with another working directory) find them."""
-    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().absolute())
 
 
 def init_ray(address: str | None = None) -> None:
@@ -60,13 +54,15 @@ def cmd_train_all(args) -> int:
 
     overrides = list(args.set or [])
     if args.celeba_dir:
-        overrides.append(f"data.celeba_dir={_absolute(args.celeba_dir)}")
+        overrides.append(f"data.celeba_dir={storage.absolute(args.celeba_dir)}")
     if args.manifest:
-        overrides.append(f"data.manifest={_absolute(args.manifest)}")
+        overrides.append(f"data.manifest={storage.absolute(args.manifest)}")
     if args.storage_path:
         overrides.append(f"run.storage_path={args.storage_path}")
     cfg = load_config(args.config, overrides)
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": _absolute(cfg.run.storage_path)})})
+    cfg = cfg.model_copy(
+        update={"run": cfg.run.model_copy(update={"storage_path": storage.absolute(cfg.run.storage_path)})}
+    )
     storage.configure_s3(cfg.storage.s3_endpoint, cfg.storage.s3_region)
     init_ray(cfg.resources.address)
     run_dir = comparison.train_all(cfg)
@@ -100,9 +96,9 @@ def cmd_label(args) -> int:
     storage.configure_s3(settings.get("s3_endpoint"), settings.get("s3_region"))
     option_names = {field.name for field in dataclasses.fields(labeling.LabelingOptions)}
     options = labeling.LabelingOptions(
-        model_dir=_absolute(settings["model"]),
-        input_uri=_absolute(settings["input"]),
-        output_uri=_absolute(settings["output"]),
+        model_dir=storage.absolute(settings["model"]),
+        input_uri=storage.absolute(settings["input"]),
+        output_uri=storage.absolute(settings["output"]),
         **{key: value for key, value in settings.items() if key in option_names},
     )
     plan = labeling.prepare(options)
@@ -133,6 +129,46 @@ def cmd_serve(args) -> int:
             time.sleep(60)
     except KeyboardInterrupt:
         serve.shutdown()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from genderrec import evaluation
+
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    if args.model and not args.manifest:
+        raise ValueError("--model needs --manifest (a labeled Parquet manifest with image_uri, male and split)")
+    options = evaluation.EvaluationOptions(
+        split=args.split,
+        group_by=tuple(args.group_by or ()),
+        calibrate=args.calibrate,
+        threshold_metric=args.threshold_metric,
+        replicates=args.bootstrap,
+        seed=args.seed,
+        min_group_size=args.min_group_size,
+        face_images=not args.no_face_images,
+        batch_size=args.batch_size,
+    )
+    manifest = storage.absolute(args.manifest) if args.manifest else None
+    out = storage.absolute(args.out)
+    if args.runs:
+        comparison = evaluation.evaluate_runs(storage.absolute(args.runs), manifest, out, options)
+        for model in comparison["models"]:
+            accuracy = model["accuracy"]
+            versus = model.get("vs_best")
+            verdict = "best" if not versus else f"p={versus['p_holm']:.3g} vs best (Holm)"
+            print(
+                f"{model['name']:<24} accuracy {accuracy['value']:.4f} [{accuracy['low']:.4f}, {accuracy['high']:.4f}] {verdict}"
+            )
+    else:
+        metrics = evaluation.evaluate_model(storage.absolute(args.model), manifest, out, options)
+        for name, point in metrics["at_threshold"].items():
+            accuracy = point["accuracy"]
+            print(
+                f"{name} threshold {point['threshold']:.3f}: accuracy {accuracy['value']:.4f} "
+                f"[{accuracy['low']:.4f}, {accuracy['high']:.4f}] on {metrics['data']['images']} images"
+            )
+    print(f"report: {storage.join(out, 'report.html')}")
     return 0
 
 
@@ -198,6 +234,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(serve_)
     serve_.set_defaults(func=cmd_serve)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics with intervals, per-group accuracy, calibration and an HTML report"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory (model.keras + card.json), local or s3://")
+    source.add_argument("--runs", help="a train_all run directory: evaluate and compare all its models")
+    evaluate.add_argument("--manifest", help="labeled Parquet manifest (default with --runs: the run's manifest)")
+    evaluate.add_argument("--split", default="test", help="manifest split to evaluate (default test)")
+    evaluate.add_argument("--out", required=True, help="report folder, local or s3://")
+    evaluate.add_argument(
+        "--group-by", action="append", metavar="COLUMN", help="also report per value of this categorical column"
+    )
+    evaluate.add_argument(
+        "--calibrate", action="store_true", help="fit temperature scaling on the val split and save it in the card"
+    )
+    evaluate.add_argument(
+        "--threshold-metric",
+        choices=["balanced_accuracy", "accuracy"],
+        default="balanced_accuracy",
+        help="what the threshold chosen on the val split maximises (default balanced_accuracy)",
+    )
+    evaluate.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    evaluate.add_argument(
+        "--min-group-size", type=int, default=30, help="groups with fewer images are flagged small (default 30)"
+    )
+    evaluate.add_argument(
+        "--no-face-images", action="store_true", help="list the mistakes' image ids instead of showing the faces"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
+    _storage_flags(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -104,7 +104,8 @@ def parse_pairs(uri: str, value_name: str) -> pd.Series:
 
 
 def read_celeba(celeba_dir: str, skip_missing: bool = False) -> CelebA:
-    """Read and cross-check CelebA's annotation files against its image folder."""
+    """Read and cross-check CelebA's annotation files against its image folder (image URIs come out absolute)."""
+    celeba_dir = storage.absolute(celeba_dir)
     attributes_uri = storage.join(celeba_dir, ATTRIBUTE_FILE)
     frame, names = parse_attributes(attributes_uri)
     partition = parse_pairs(storage.join(celeba_dir, PARTITION_FILE), "partition")

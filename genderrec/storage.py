@@ -75,6 +75,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
+def absolute(uri: str) -> str:
+    """Local paths become absolute (Ray workers run in another working directory); ``s3://`` URIs stay as they are."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI, keeping the ``s3://`` scheme."""
     base = str(base).rstrip("/")

@@ -40,6 +40,14 @@ def test_parses_a_valid_layout(tmp_path):
     assert celeba.skipped == []
 
 
+def test_relative_celeba_dir_gives_absolute_image_uris(tmp_path, monkeypatch):
+    """Ray workers run in another working directory: a relative ``../shared/celeba`` must not leak into URIs."""
+    make_layout(tmp_path / "data" / "celeba", ROWS)
+    monkeypatch.chdir(tmp_path / "data")
+    frame = manifest.read_celeba("../data/celeba").frame
+    assert frame["image_uri"].iloc[0] == str(tmp_path / "data" / "celeba" / "img_align_celeba" / "000001.jpg")
+
+
 @pytest.mark.parametrize(
     "rows, declared, message",
     [

@@ -170,8 +170,8 @@ def build_model(
     x = layers.Flatten(name="flatten")(x) if head.pooling == "flatten" else layers.GlobalAveragePooling2D(name="gap")(x)
     if head.dense_units:
         x = layers.Dense(head.dense_units, activation="relu", name="head_dense")(x)
-        if head.dropout:
-            x = layers.Dropout(head.dropout, name="head_dropout")(x)
+    if head.dropout:
+        x = layers.Dropout(head.dropout, name="head_dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="p_male")(x)
     return keras.Model(inputs, outputs, name=f"{name}_{mode}")
 

@@ -1,0 +1,270 @@
+"""Face detection and CelebA alignment on photos composed, in the test, of real CelebA faces at known places.
+
+A composite pastes 1-3 aligned CelebA images (178x218, the face plus its background) at known positions and scales
+onto a larger canvas. The known box of each face is the detector's box on the original image, moved and scaled as
+the paste did (the pasted rectangle itself is mostly background, not face).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genderrec import faces, images, selection
+
+CANVAS = (720, 480)  # width, height
+
+
+@functools.cache
+def detector() -> faces.FaceDetector:
+    """One detector for every test of the session (as one per actor in a job)."""
+    return faces.load_detector(faces.FaceOptions())
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A photo made of CelebA faces: its JPEG bytes, each face's known box (upright pixels) and source image."""
+
+    data: bytes
+    boxes: list[tuple[float, float, float, float]]
+    sources: list[Path]
+
+
+def main_face(rgb: np.ndarray) -> faces.Face:
+    return faces.select_faces(detector().detect(rgb), faces.FaceOptions())[0]
+
+
+def compose(
+    sources: list[Path], placements: list[tuple[int, int, float]], *, exif_rotated: bool = False, canvas=CANVAS
+) -> Composite:
+    """Paste each source at ``(left, top, scale)`` on a smooth gradient; with ``exif_rotated`` the JPEG is stored
+    turned 90° counter-clockwise with EXIF orientation 6, so only a decoder that applies EXIF sees it upright."""
+    width, height = canvas
+    ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0.6, 1, height)[:, None, None]
+    photo = Image.fromarray((60 + 150 * ramp * np.array([0.9, 0.8, 0.6])).astype(np.uint8))
+    boxes = []
+    for source, (left, top, scale) in zip(sources, placements, strict=True):
+        face = Image.open(source).convert("RGB")
+        box = main_face(np.asarray(face)).box
+        face = face.resize((round(face.width * scale), round(face.height * scale)), Image.Resampling.LANCZOS)
+        photo.paste(face, (left, top))
+        boxes.append(tuple(float(v) for v in np.add(np.multiply(box, scale), [left, top, left, top])))
+    buffer = io.BytesIO()
+    if exif_rotated:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # display needs a 90° clockwise turn
+        photo.transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    else:
+        photo.save(buffer, "JPEG", quality=95)
+    return Composite(buffer.getvalue(), boxes, list(sources))
+
+
+def iou(a, b) -> float:
+    left, top = max(a[0], b[0]), max(a[1], b[1])
+    right, bottom = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(right - left, 0) * max(bottom - top, 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def match(found_boxes, known_boxes) -> list[int]:
+    """For each known box, the index of the found box overlapping it most."""
+    return [int(np.argmax([iou(found, known) for found in found_boxes])) for known in known_boxes]
+
+
+# Composites used here and by the labeling and serving tests: (CelebA file names, placements, EXIF-rotated).
+LAYOUTS = {
+    "one-face": (["000002.jpg"], [(270, 120, 1.0)], False),
+    "two-faces": (["000005.jpg", "000013.jpg"], [(40, 60, 1.5), (480, 200, 0.8)], False),
+    "three-faces-exif": (
+        ["000015.jpg", "000037.jpg", "000054.jpg"],
+        [(20, 40, 1.0), (250, 200, 0.7), (480, 30, 1.2)],
+        True,
+    ),
+}
+
+
+def layout(celeba_dir: Path, name: str) -> Composite:
+    files, placements, exif_rotated = LAYOUTS[name]
+    return compose([celeba_dir / "img_align_celeba" / file for file in files], placements, exif_rotated=exif_rotated)
+
+
+def no_face_photo() -> bytes:
+    """A landscape-like photo with no face: sky, ground and a few shapes."""
+    photo = Image.new("RGB", CANVAS, (120, 170, 230))
+    photo.paste((90, 140, 60), (0, 300, CANVAS[0], CANVAS[1]))
+    photo.paste((200, 60, 40), (100, 200, 220, 320))
+    photo.paste((240, 230, 120), (550, 40, 620, 110))
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pixel_model(celeba_manifest, tmp_path_factory):
+    """Logistic regression on 10x8 pixels, trained on 800 real faces (about 82% accurate on held-out ones).
+
+    The conftest's tiny GoogLeNet answers about 0.5 for every face after its few steps; this model's answers spread
+    over 0..1 and depend on exactly where the face is in the frame, so it shows whether an aligned face looks like
+    a CelebA image to a model.
+    """
+    import keras
+
+    size = (40, 32)
+    train = celeba_manifest[celeba_manifest["split"] == "train"].head(800)
+    pixels = np.stack([images.load_image(Path(uri).read_bytes(), size) for uri in train["image_uri"]])
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((*size, 3)),
+            keras.layers.Rescaling(1 / 127.5, offset=-1),
+            keras.layers.AveragePooling2D(4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, activation="sigmoid", kernel_regularizer=keras.regularizers.l2(1e-3)),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
+    model.fit(pixels, train["male"].to_numpy("float32"), epochs=30, batch_size=64, verbose=0)
+    card = {"name": "pixel_logistic", "input_size": list(size), "crop_box": None, "threshold": 0.5}
+    model_dir = tmp_path_factory.mktemp("pixel_model")
+    selection.export(model, str(model_dir), card)
+    return selection.load_selected(str(model_dir))
+
+
+def p_male(model_and_card, pixels: list[np.ndarray]) -> np.ndarray:
+    model, card = model_and_card
+    return selection.apply_calibration(model.predict(np.stack(pixels), verbose=0).reshape(-1), card)
+
+
+def as_is(model_and_card, path: Path) -> np.ndarray:
+    """The model's input for a CelebA image as is (``--faces aligned``)."""
+    card = model_and_card[1]
+    return images.load_image(path.read_bytes(), tuple(card["input_size"]), card["crop_box"])
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def test_similarity_transform_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 200, (5, 2))
+    angle, scale, shift = np.radians(17), 1.7, np.array([-30.0, 45.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = points @ (scale * rotation).T + shift
+    np.testing.assert_allclose(faces.similarity_transform(points, moved), np.hstack([scale * rotation, shift[:, None]]))
+    mirrored = points * [-1, 1]  # the best reflection-free fit is not the mirror image
+    assert np.linalg.det(faces.similarity_transform(points, mirrored)[:, :2]) > 0
+
+
+def test_template_is_where_celeba_puts_the_landmarks(celeba_dir):
+    paths = sorted((celeba_dir / "img_align_celeba").glob("*.jpg"))[-12:]
+    landmarks = np.stack([main_face(images.decode_image(path.read_bytes())).landmarks for path in paths])
+    assert np.abs(landmarks.mean(axis=0) - faces.CELEBA_TEMPLATE).max() < 3
+    assert np.median(np.linalg.norm(landmarks - faces.CELEBA_TEMPLATE, axis=2)) < 5
+
+
+def test_celeba_image_through_detect_and_align_predicts_as_is(celeba_manifest, pixel_model):
+    card = pixel_model[1]
+    size = tuple(card["input_size"])
+    held_out = celeba_manifest[celeba_manifest["split"] == "test"].head(20)
+    paths = [Path(uri) for uri in held_out["image_uri"]]
+    aligned, originals = [], []
+    for path in paths:
+        rgb = images.decode_image(path.read_bytes())
+        crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", size, card["crop_box"])
+        assert [crop.source for crop in crops[:1]] == [faces.DETECTED], path
+        aligned.append(crops[0].pixels)
+        originals.append(as_is(pixel_model, path))
+    difference = np.abs(np.stack(aligned) - np.stack(originals)).mean(axis=(1, 2, 3))
+    other_face = np.abs(np.stack(aligned) - np.roll(np.stack(originals), 1, axis=0)).mean(axis=(1, 2, 3))
+    print(f"mean |pixel difference| aligned vs as is: {difference.round(1)}; vs another face: {other_face.round(1)}")
+    assert (difference < other_face / 2).all()
+    before, after = p_male(pixel_model, originals), p_male(pixel_model, aligned)
+    change = np.abs(after - before)
+    between_faces = np.abs(before[:, None] - before[None, :]).mean()
+    print(f"|p_male change| after detect+align: {change.round(3)}; between faces: {between_faces:.3f}")
+    truth = held_out["male"].to_numpy()
+    print(f"accuracy as is {((before >= 0.5) == truth).mean():.2f}, aligned {((after >= 0.5) == truth).mean():.2f}")
+    assert change.mean() < 0.05 and change.mean() < between_faces / 4
+
+
+def test_align_mirrors_past_the_edge_and_shrinks_big_faces(celeba_dir):
+    path = celeba_dir / "img_align_celeba" / "000002.jpg"
+    original = images.decode_image(path.read_bytes())
+    landmarks = main_face(original).landmarks
+    expected = faces.align(original, landmarks).astype(float)
+    # Cut the photo just left of the left eye: the crop's left part comes from the mirrored photo, not black.
+    cut = int(landmarks[0, 0]) - 8
+    edge = faces.align(original[:, cut:], landmarks - [cut, 0])
+    assert edge.shape == expected.shape == (*faces.ALIGNED_SIZE, 3)
+    assert edge[:, :20].mean() > 30 and np.abs(edge[:, 70:] - expected[:, 70:]).mean() < 1
+    # A face five times CelebA's size comes back at CelebA's scale, as the original would.
+    big = np.asarray(Image.fromarray(original).resize((178 * 5, 218 * 5), Image.Resampling.BICUBIC))
+    shrunk = faces.align(big, landmarks * 5 + 2)  # pixel centres: (x + 0.5) * 5 - 0.5
+    print(
+        f"mean |pixel difference|: edge {np.abs(edge - expected).mean():.1f}, big {np.abs(shrunk - expected).mean():.1f}"
+    )
+    assert np.abs(shrunk - expected).mean() < 5
+
+
+# --------------------------------------------------------------------------- composites
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_face_of_a_composite_is_found_and_classified_as_its_crop(name, celeba_dir, pixel_model):
+    composite = layout(celeba_dir, name)
+    rgb = images.decode_image(composite.data)
+    assert rgb.shape == (CANVAS[1], CANVAS[0], 3)  # upright, EXIF applied
+    card = pixel_model[1]
+    crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", tuple(card["input_size"]), None)
+    assert len(crops) == len(composite.boxes)
+    assert [crop.face_index for crop in crops] == list(range(len(crops)))
+    areas = [crop.face.area for crop in crops]
+    assert areas == sorted(areas, reverse=True)  # face 0 is the largest
+    found = match([crop.face.box for crop in crops], composite.boxes)
+    assert sorted(found) == list(range(len(crops)))
+    for known, index in zip(composite.boxes, found, strict=True):
+        assert iou(crops[index].face.box, known) >= 0.5, (known, crops[index].face.box)
+    predicted = p_male(pixel_model, [crops[index].pixels for index in found])
+    original = p_male(pixel_model, [as_is(pixel_model, source) for source in composite.sources])
+    print(f"{name}: p_male in the composite {predicted.round(3)}, on the original crops {original.round(3)}")
+    np.testing.assert_allclose(predicted, original, atol=0.1)
+
+
+def test_photo_without_a_face(pixel_model):
+    rgb = images.decode_image(no_face_photo())
+    size = tuple(pixel_model[1]["input_size"])
+    assert faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", size) == []
+    (whole,) = faces.face_crops(rgb, detector(), faces.FaceOptions(), "auto", size)
+    assert whole.source == faces.WHOLE_IMAGE and whole.face is None and whole.face_index == 0
+    np.testing.assert_array_equal(whole.pixels, images.resize(rgb, size))  # as --faces aligned would see it
+
+
+def test_options_min_size_confidence_and_max_faces(celeba_dir):
+    small = compose(
+        [celeba_dir / "img_align_celeba" / name for name in ("000002.jpg", "000005.jpg")],
+        [(100, 100, 0.35), (400, 250, 0.4)],
+    )
+    detected = detector().detect(images.decode_image(small.data))
+    sizes = sorted(face.size for face in faces.select_faces(detected, faces.FaceOptions(min_face_size=20)))
+    assert len(sizes) == 2 and sizes[-1] < 40  # both found when small faces are allowed ...
+    assert faces.select_faces(detected, faces.FaceOptions(min_face_size=40)) == []  # ... none when they are not
+
+    three = detector().detect(images.decode_image(layout(celeba_dir, "three-faces-exif").data))
+    largest = faces.select_faces(three, faces.FaceOptions(max_faces=2))
+    assert [face.area for face in largest] == sorted((face.area for face in three), reverse=True)[:2]
+    assert faces.select_faces(three, faces.FaceOptions(min_confidence=1.0)) == []
+    with pytest.raises(ValueError, match="max_faces"):
+        faces.FaceOptions(max_faces=0)
+    with pytest.raises(ValueError, match="'aligned'"):
+        faces.face_crops(np.zeros((20, 20, 3), np.uint8), detector(), faces.FaceOptions(), "aligned", (40, 32))
+
+
+def test_images_too_small_for_the_detector_have_no_face():
+    assert detector().detect(np.zeros((8, 300, 3), np.uint8)) == []

@@ -7,13 +7,27 @@ import logging
 import sys
 import time
 
-from genderrec import storage
+from genderrec import faces, storage
 from genderrec.config import ConfigError, load_config, read_yaml
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO/Ceph/R2); default: AWS")
     parser.add_argument("--s3-region", help="S3 region")
+
+
+def _face_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--faces",
+        choices=faces.FACES_MODES,
+        help="aligned: images are CelebA-like face crops (default); detect: one row per face found in ordinary "
+        "photos; auto: detect, else the whole image",
+    )
+    parser.add_argument(
+        "--min-face-size", type=int, help="smaller faces (box's shorter side, px) are ignored (default 20)"
+    )
+    parser.add_argument("--min-face-confidence", type=float, help="less confident detections are ignored (default 0.9)")
+    parser.add_argument("--max-faces", type=int, help="most faces per image, the largest kept (default 10)")
 
 
 def init_ray(address: str | None = None) -> None:
@@ -216,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", default=None, help="skip images already in the output (after a crash)"
     )
     label.add_argument("--max-pixels", type=int, help="larger images get an error row (default 40,000,000)")
+    _face_flags(label)
+    label.add_argument(
+        "--face-actors", type=int, help="face detection actors (CPU), with --faces detect|auto (default 1)"
+    )
     label.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(label)
     label.set_defaults(func=cmd_label)

@@ -57,7 +57,7 @@ class FaceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_face_size: int = Field(default=20, ge=1, description="shorter side of a face's box, in pixels, at least")
-    min_confidence: float = Field(default=0.9, ge=0, le=1, description="detector confidence at least")
+    min_face_confidence: float = Field(default=0.9, ge=0, le=1, description="detector confidence at least")
     max_faces: int = Field(default=10, ge=1, description="most faces per image (the largest are kept)")
 
 
@@ -127,7 +127,9 @@ def load_detector(options: FaceOptions) -> FaceDetector:
 
 def select_faces(faces: list[Face], options: FaceOptions) -> list[Face]:
     """The faces ``options`` allow, largest first (face 0 is the photo's main subject when it has one)."""
-    kept = [face for face in faces if face.confidence >= options.min_confidence and face.size >= options.min_face_size]
+    kept = [
+        face for face in faces if face.confidence >= options.min_face_confidence and face.size >= options.min_face_size
+    ]
     return sorted(kept, key=lambda face: face.area, reverse=True)[: options.max_faces]
 
 

@@ -4,6 +4,12 @@ The Ray Data pipeline is ``inputs → read + decode (CPU tasks) → predict (act
 actor) → write Parquet``. A file that cannot be read or decoded becomes a row with an ``error`` and no ``p_male``;
 it never stops the job or drops a row (rows out == rows in). Everything a user can get wrong (model directory,
 input, output) is checked on the driver by :func:`prepare`, before any cluster work starts.
+
+With ``faces="detect"`` or ``"auto"`` (ordinary photos, see :mod:`genderrec.faces`) the read + decode tasks are
+replaced by a pool of :class:`FaceFinder` actors (the detector loaded once per actor) that emit one row per face,
+aligned CelebA-style, and the same predict actors classify them. Every image still has at least one row: an image
+with no face is a row with ``error = "no face found"`` (``detect``) or the whole image flagged ``whole_image``
+(``auto``).
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+from pydantic import ValidationError
 
-from genderrec import images, selection, storage
+from genderrec import faces, images, selection, storage
 
 OUTPUT_COLUMNS = ("image_uri", "p_male", "label", "model", "error")
+FACE_COLUMNS = ("face_index", "face_source", "box", "landmarks", "det_confidence")  # in faces detect/auto modes
 TRUTH_COLUMN = "male"
 MANIFEST_SUFFIX = ".parquet"
 EVALUATION_FILE = "_evaluation.json"  # "_" prefix: Parquet readers (pyarrow, Spark, Ray) skip it
@@ -30,6 +38,7 @@ ROWS_PER_FILE = 10_000
 # keeps Ray Data from fusing decoding into the inference actors (it fuses maps with equal resources only).
 DECODE_CPUS = 0.5
 _PIXELS = "__genderrec_pixels"
+_FACE_DEFAULTS = faces.FaceOptions()
 
 
 class LabelingError(ValueError):
@@ -49,6 +58,11 @@ class LabelingOptions:
     threshold: float | None = None  # None: the model card's threshold (0.5 unless the card says otherwise)
     resume: bool = False
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    faces: faces.FacesMode = "aligned"  # aligned: CelebA-like crops as they are; detect/auto: ordinary photos
+    min_face_size: int = _FACE_DEFAULTS.min_face_size
+    min_face_confidence: float = _FACE_DEFAULTS.min_face_confidence
+    max_faces: int = _FACE_DEFAULTS.max_faces
+    face_actors: int = 1  # face detection actors (CPU), each loads the detector once
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -59,6 +73,27 @@ class LabelingOptions:
             raise LabelingError(f"GPUs per actor must be >= 0, got {self.gpus_per_actor}")
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise LabelingError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.faces not in faces.FACES_MODES:
+            raise LabelingError(f"faces must be one of {', '.join(faces.FACES_MODES)}, got {self.faces!r}")
+        if self.face_actors < 1:
+            raise LabelingError(f"face actors must be at least 1, got {self.face_actors}")
+        self.face_options  # noqa: B018 (raises LabelingError when the face options are wrong)
+
+    @property
+    def face_options(self) -> faces.FaceOptions:
+        try:
+            return faces.FaceOptions(
+                min_face_size=self.min_face_size, min_face_confidence=self.min_face_confidence, max_faces=self.max_faces
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors()
+            )
+            raise LabelingError(f"face options: {problems}") from None
+
+    @property
+    def detects_faces(self) -> bool:
+        return self.faces != "aligned"
 
 
 @dataclass(frozen=True)
@@ -87,15 +122,20 @@ class LabelingResult:
     errors: int
     seconds: float
     evaluation: dict | None
+    images_with_faces: int | None = None  # faces detect/auto: ``labeled`` counts faces, this the images they are in
 
     @property
     def images_per_second(self) -> float:
-        return (self.labeled + self.errors) / self.seconds if self.seconds else math.nan
+        images = self.labeled if self.images_with_faces is None else self.images_with_faces
+        return (images + self.errors) / self.seconds if self.seconds else math.nan
 
     def report(self) -> str:
+        labeled = (
+            self.labeled if self.images_with_faces is None else f"{self.labeled} faces in {self.images_with_faces}"
+        )
         lines = [
             f"rows in: {self.rows_in}  already labeled (resume): {self.already_labeled}  "
-            f"labeled now: {self.labeled}  errors: {self.errors}  "
+            f"labeled now: {labeled}  errors: {self.errors}  "
             f"({self.seconds:.1f} s, {self.images_per_second:.1f} images/s)",
             f"output: {self.output_uri}",
         ]
@@ -116,6 +156,11 @@ def prepare(options: LabelingOptions) -> LabelingPlan:
     """Check the model, read the input rows and (with ``resume``) drop those already in the output."""
     card = _check_model(options.model_dir)
     inputs = read_inputs(options.input_uri)
+    clashes = [name for name in FACE_COLUMNS if options.detects_faces and name in inputs.column_names]
+    if clashes:
+        raise LabelingError(
+            f"{options.input_uri}: column(s) {clashes} would be overwritten by the faces columns; rename them"
+        )
     done = _labeled_uris(options.output_uri, options.resume)
     todo = inputs.filter(pc.invert(pc.is_in(inputs["image_uri"], value_set=done))) if len(done) else inputs
     threshold = options.threshold if options.threshold is not None else float(card.get("threshold", 0.5))
@@ -222,18 +267,24 @@ def _read_parts(parts: list[str], columns: list[str] | None = None) -> pa.Table:
 # --------------------------------------------------------------------------- the Ray Data pipeline
 
 
-def _load(uri: str, size: tuple[int, int], crop_box, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
-    """``(pixels, None)`` or ``(None, why)``: a bad file is a row's error, never the job's."""
+def _decode(uri: str, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """``(uint8 RGB, None)`` or ``(None, why)``: a bad file is a row's error, never the job's."""
     try:
         data = storage.read_bytes(uri)
     except Exception as exc:  # missing object, access denied, network: the row records it
         return None, f"cannot read: {exc}"
     try:
-        return images.load_image(data, size, crop_box, max_pixels), None
+        return images.decode_image(data, max_pixels), None
     except images.ImageDecodeError as exc:
         return None, str(exc)
     except Exception as exc:  # Pillow raises odd types on hostile files; one file must not stop the job
         return None, f"cannot decode: {type(exc).__name__}: {exc}"
+
+
+def _load(uri: str, size: tuple[int, int], crop_box, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """``(model input, None)`` or ``(None, why)``."""
+    rgb, error = _decode(uri, max_pixels)
+    return (None, error) if rgb is None else (images.resize(rgb, size, crop_box), None)
 
 
 def read_and_decode(batch: pa.Table, size: tuple[int, int], crop_box, max_pixels: int) -> pa.Table:
@@ -249,6 +300,60 @@ def read_and_decode(batch: pa.Table, size: tuple[int, int], crop_box, max_pixels
         errors.append(error)
     batch = batch.append_column("error", pa.array(errors, pa.string()))
     return batch.append_column(_PIXELS, ArrowTensorArray.from_numpy(pixels))
+
+
+class FaceFinder:
+    """Ray Data actor (CPU): loads the face detector once, then turns each image row into one row per face found.
+
+    Each output row carries the input row's columns, the face's columns (:data:`FACE_COLUMNS`) and the aligned face
+    as the model's input. An image that cannot be read, or (``detect``) has no face, is one row with an ``error``.
+    """
+
+    def __init__(self, mode: str, options: faces.FaceOptions, size: tuple[int, int], crop_box, max_pixels: int):
+        self.detector = faces.load_detector(options)
+        self.mode, self.options, self.size, self.crop_box, self.max_pixels = mode, options, size, crop_box, max_pixels
+
+    def _crops(self, uri: str) -> tuple[list[faces.FaceCrop], str | None]:
+        rgb, error = _decode(uri, self.max_pixels)
+        if rgb is None:
+            return [], error
+        try:
+            crops = faces.face_crops(rgb, self.detector, self.options, self.mode, self.size, self.crop_box)
+        except Exception as exc:  # one hostile image must not stop the job
+            return [], f"face detection failed: {type(exc).__name__}: {exc}"
+        return crops, None if crops else faces.NO_FACE
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ray.data.extensions import ArrowTensorArray
+
+        rows, crops, errors = [], [], []
+        for row, uri in enumerate(batch["image_uri"].to_pylist()):
+            found, error = self._crops(uri)
+            for crop in found or [None]:
+                rows.append(row)
+                crops.append(crop)
+                errors.append(error)
+        detected = [crop.face if crop else None for crop in crops]
+        pixels = np.zeros((len(crops), *self.size, 3), dtype=np.float32)
+        for index, crop in enumerate(crops):
+            if crop is not None:
+                pixels[index] = crop.pixels
+        carried = batch.take(rows)
+        columns = {
+            "image_uri": carried["image_uri"],
+            "face_index": pa.array([crop.face_index if crop else None for crop in crops], pa.int32()),
+            "face_source": pa.array([crop.source if crop else None for crop in crops], pa.string()),
+            "box": pa.array([list(face.box) if face else None for face in detected], pa.list_(pa.float64(), 4)),
+            "landmarks": pa.array(
+                [face.landmarks.tolist() if face else None for face in detected],
+                pa.list_(pa.list_(pa.float64(), 2), len(faces.LANDMARK_NAMES)),
+            ),
+            "det_confidence": pa.array([face.confidence if face else None for face in detected], pa.float64()),
+            **{name: carried[name] for name in carried.column_names if name != "image_uri"},
+            "error": pa.array(errors, pa.string()),
+            _PIXELS: ArrowTensorArray.from_numpy(pixels),
+        }
+        return pa.table(columns)
 
 
 class Predictor:
@@ -296,18 +401,30 @@ def build_dataset(plan: LabelingPlan):
     runtime_env = {"env_vars": env_vars} if env_vars else None
     blocks = max(1, math.ceil(plan.todo.num_rows / options.batch_size))
     dataset = ray.data.from_arrow(plan.todo, override_num_blocks=blocks)
-    dataset = dataset.map_batches(
-        read_and_decode,
-        batch_format="pyarrow",
-        batch_size=options.batch_size,
-        fn_kwargs={
-            "size": tuple(card["input_size"]),
-            "crop_box": tuple(card["crop_box"]) if card.get("crop_box") else None,
-            "max_pixels": options.max_pixels,
-        },
-        num_cpus=DECODE_CPUS,
-        runtime_env=runtime_env,
-    )
+    model_input = {
+        "size": tuple(card["input_size"]),
+        "crop_box": tuple(card["crop_box"]) if card.get("crop_box") else None,
+        "max_pixels": options.max_pixels,
+    }
+    if options.detects_faces:
+        dataset = dataset.map_batches(
+            FaceFinder,
+            batch_format="pyarrow",
+            batch_size=options.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=options.face_actors),
+            fn_constructor_kwargs={"mode": options.faces, "options": options.face_options, **model_input},
+            num_cpus=1,
+            runtime_env=runtime_env,
+        )
+    else:
+        dataset = dataset.map_batches(
+            read_and_decode,
+            batch_format="pyarrow",
+            batch_size=options.batch_size,
+            fn_kwargs=model_input,
+            num_cpus=DECODE_CPUS,
+            runtime_env=runtime_env,
+        )
     return dataset.map_batches(
         Predictor,
         batch_format="pyarrow",
@@ -337,19 +454,41 @@ def run(plan: LabelingPlan) -> LabelingResult:
         )
     seconds = time.perf_counter() - started
     new_parts = sorted(set(_output_parts(output_uri)) - before)
-    written = _read_parts(new_parts, ["p_male", "error"]) if new_parts else pa.table({"p_male": [], "error": []})
-    if written.num_rows != plan.todo.num_rows:
-        raise RuntimeError(f"{output_uri}: wrote {written.num_rows} rows for {plan.todo.num_rows} inputs")
-    evaluation = evaluate(output_uri, plan.threshold) if TRUTH_COLUMN in plan.todo.column_names else None
+    columns = ["image_uri", "p_male", "error"]
+    written = (
+        _read_parts(new_parts, columns)
+        if new_parts
+        else pa.table({name: pa.array([], pa.string()) for name in columns})
+    )
+    _check_every_input_has_rows(plan, written)
+    evaluation = (
+        evaluate(output_uri, plan.threshold, plan.options.detects_faces)
+        if TRUTH_COLUMN in plan.todo.column_names
+        else None
+    )
+    labeled = written.filter(pc.is_valid(written["p_male"]))
     return LabelingResult(
         output_uri=output_uri,
         rows_in=plan.rows_in,
         already_labeled=plan.already_labeled,
-        labeled=written.num_rows - written["p_male"].null_count,
+        labeled=labeled.num_rows,
         errors=written.num_rows - written["error"].null_count,
         seconds=seconds,
         evaluation=evaluation,
+        images_with_faces=pc.count_distinct(labeled["image_uri"]).as_py() if plan.options.detects_faces else None,
     )
+
+
+def _check_every_input_has_rows(plan: LabelingPlan, written: pa.Table) -> None:
+    """Rows out == rows in; with faces, every input image has at least one row (a face, or its error)."""
+    where = plan.options.output_uri
+    if not plan.options.detects_faces:
+        if written.num_rows != plan.todo.num_rows:
+            raise RuntimeError(f"{where}: wrote {written.num_rows} rows for {plan.todo.num_rows} inputs")
+        return
+    missing = pc.count_distinct(plan.todo["image_uri"]).as_py() - pc.count_distinct(written["image_uri"]).as_py()
+    if missing:
+        raise RuntimeError(f"{where}: {missing} of {plan.todo.num_rows} input images have no row in the output")
 
 
 def label(options: LabelingOptions) -> LabelingResult:
@@ -360,13 +499,20 @@ def label(options: LabelingOptions) -> LabelingResult:
 # --------------------------------------------------------------------------- evaluation mode
 
 
-def evaluate(output_uri: str, threshold: float) -> dict:
-    """Accuracy, ROC-AUC and confusion matrix of every labeled row with ground truth; written beside the labels."""
+def evaluate(output_uri: str, threshold: float, per_face: bool = False) -> dict:
+    """Accuracy, ROC-AUC and confusion matrix of every labeled row with ground truth; written beside the labels.
+
+    ``per_face`` (faces detect/auto output): the truth is the image's, so each image counts once, by its largest
+    face (``face_index`` 0, or the whole image of ``auto``'s fallback).
+    """
     from sklearn.metrics import confusion_matrix
 
     from genderrec.evaluation import binary_metrics
 
-    frame = _read_parts(_output_parts(output_uri), [TRUTH_COLUMN, "p_male"]).to_pandas()
+    columns = [TRUTH_COLUMN, "p_male", "face_index"] if per_face else [TRUTH_COLUMN, "p_male"]
+    frame = _read_parts(_output_parts(output_uri), columns).to_pandas()
+    if per_face:
+        frame = frame[frame.pop("face_index").fillna(0) == 0]
     usable = frame.dropna()
     result = {
         "images": len(usable),

@@ -259,7 +259,7 @@ def test_options_min_size_confidence_and_max_faces(celeba_dir):
     three = detector().detect(images.decode_image(layout(celeba_dir, "three-faces-exif").data))
     largest = faces.select_faces(three, faces.FaceOptions(max_faces=2))
     assert [face.area for face in largest] == sorted((face.area for face in three), reverse=True)[:2]
-    assert faces.select_faces(three, faces.FaceOptions(min_confidence=1.0)) == []
+    assert faces.select_faces(three, faces.FaceOptions(min_face_confidence=1.0)) == []
     with pytest.raises(ValueError, match="max_faces"):
         faces.FaceOptions(max_faces=0)
     with pytest.raises(ValueError, match="'aligned'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -16,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_faces import LAYOUTS, detector, iou, layout, match, no_face_photo
 
-from genderrec import cli, images, labeling, manifest, selection, storage
+from genderrec import cli, faces, images, labeling, manifest, selection, storage
 
 pytest_plugins = ["s3_servers"]  # the rclone_server and moto_server fixtures
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +48,15 @@ def bad_files(face: bytes) -> dict[str, tuple[bytes, str]]:
 
 def expected_p_male(model_dir: str, blobs: list[bytes]) -> np.ndarray:
     """p(male) from calling the model directly, as a user would, on the same images."""
+    card = selection.read_card(model_dir)
+    return p_male_of(
+        model_dir, [images.load_image(blob, tuple(card["input_size"]), card["crop_box"]) for blob in blobs]
+    )
+
+
+def p_male_of(model_dir: str, pixels: list[np.ndarray]) -> np.ndarray:
     model, card = selection.load_selected(model_dir)
-    pixels = np.stack([images.load_image(blob, tuple(card["input_size"]), card["crop_box"]) for blob in blobs])
-    return selection.apply_calibration(model.predict(pixels, verbose=0).reshape(-1), card)
+    return selection.apply_calibration(model.predict(np.stack(pixels), verbose=0).reshape(-1), card)
 
 
 def read_labels(output_uri: str) -> pd.DataFrame:
@@ -202,6 +210,72 @@ def test_local_folder_and_resume_after_a_partial_run(tmp_path, capsys, ray_sessi
     assert len(read_labels(output)) == 11
 
 
+def face_inputs(model_dir: str, data: bytes, options: faces.FaceOptions, mode: str) -> list[faces.FaceCrop]:
+    """What the job must classify in a photo, computed directly with the faces module."""
+    card = selection.read_card(model_dir)
+    rgb = images.decode_image(data)
+    return faces.face_crops(rgb, detector(), options, mode, tuple(card["input_size"]), card["crop_box"])
+
+
+def test_faces_detect_and_auto_on_composite_photos(tmp_path, capsys, ray_session, tiny_model_dir, celeba_dir):
+    """Ordinary photos: one row per face (detect), the whole image when there is none (auto); no image dropped."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    composites = {name: layout(celeba_dir, name) for name in LAYOUTS}
+    for name, composite in composites.items():
+        (folder / f"{name}.jpg").write_bytes(composite.data)
+    (folder / "no-face.jpg").write_bytes(no_face_photo())
+    (folder / "cut.jpg").write_bytes(composites["one-face"].data[:2000])
+    uri = {path.stem: str(path) for path in folder.iterdir()}
+    model_dir, output = str(tiny_model_dir), str(tmp_path / "detect")
+
+    assert (
+        cli.main(["label", "--model", model_dir, "--input", str(folder), "--output", output, "--faces", "detect"]) == 0
+    )
+    assert "labeled now: 6 faces in 3  errors: 2" in capsys.readouterr().out
+    labels = read_labels(output)
+    assert list(labels.columns) == [*labeling.OUTPUT_COLUMNS, *labeling.FACE_COLUMNS]
+    assert set(labels["image_uri"]) == set(uri.values())  # every image in has a row out
+    errors = labels[labels["error"].notna()].set_index("image_uri")["error"]
+    assert errors[uri["no-face"]] == faces.NO_FACE and "truncated" in errors[uri["cut"]]
+    assert labels.loc[labels["error"].notna(), ["p_male", "face_index", "box"]].isna().all().all()
+    for name, composite in composites.items():
+        rows = labels[labels["image_uri"] == uri[name]].sort_values("face_index")
+        assert list(rows["face_index"]) == list(range(len(composite.boxes)))
+        assert (rows["face_source"] == faces.DETECTED).all() and (rows["det_confidence"] >= 0.9).all()
+        boxes = [tuple(box) for box in rows["box"]]
+        for known, index in zip(composite.boxes, match(boxes, composite.boxes), strict=True):
+            assert iou(boxes[index], known) >= 0.5
+        crops = face_inputs(model_dir, composite.data, faces.FaceOptions(), "detect")
+        np.testing.assert_allclose(np.stack(rows["landmarks"].map(np.stack)), [crop.face.landmarks for crop in crops])
+        np.testing.assert_allclose(rows["p_male"], p_male_of(model_dir, [crop.pixels for crop in crops]), atol=1e-5)
+
+    # auto, at most 2 faces, from a manifest with ground truth: the whole image stands in for the missing face,
+    # and the evaluation counts each image once (by its largest face).
+    truth = {"one-face": 0, "two-faces": 0, "three-faces-exif": 1, "no-face": 1, "cut": 1}
+    pq.write_table(
+        pa.table({"image_uri": [uri[name] for name in truth], "male": list(truth.values())}), tmp_path / "in.parquet"
+    )
+    options = labeling.LabelingOptions(
+        model_dir, str(tmp_path / "in.parquet"), str(tmp_path / "auto"), batch_size=2, faces="auto", max_faces=2
+    )
+    result = labeling.label(options)
+    assert (result.labeled, result.images_with_faces, result.errors) == (6, 4, 1)
+    assert (result.evaluation["images"], result.evaluation["excluded_errors"]) == (4, 1)
+    labels = read_labels(str(tmp_path / "auto"))
+    assert labels.groupby("image_uri").size().to_dict() == {
+        uri["one-face"]: 1,
+        uri["two-faces"]: 2,
+        uri["three-faces-exif"]: 2,
+        uri["no-face"]: 1,
+        uri["cut"]: 1,
+    }
+    whole = labels[labels["image_uri"] == uri["no-face"]].iloc[0]
+    assert whole["face_source"] == faces.WHOLE_IMAGE and whole["face_index"] == 0 and whole["box"] is None
+    (crop,) = face_inputs(model_dir, no_face_photo(), faces.FaceOptions(), "auto")
+    assert whole["p_male"] == pytest.approx(p_male_of(model_dir, [crop.pixels])[0], abs=1e-5)
+
+
 def test_label_config_file_is_strict(tmp_path, capsys):
     """Unknown keys and missing required settings fail before any work, naming the file or the flag."""
     config = tmp_path / "label.yaml"
@@ -277,6 +351,24 @@ def test_options_are_checked():
         labeling.LabelingOptions("m", "i", "o", batch_size=0)
     with pytest.raises(labeling.LabelingError, match="threshold"):
         labeling.LabelingOptions("m", "i", "o", threshold=1.5)
+
+
+def test_face_options_are_checked(tmp_path, tiny_model_dir, real_faces):
+    with pytest.raises(labeling.LabelingError, match="faces must be one of aligned, detect, auto, got 'all'"):
+        labeling.LabelingOptions("m", "i", "o", faces="all")
+    with pytest.raises(
+        labeling.LabelingError,
+        match=r"face options: min_face_confidence: Input should be less than or equal to 1 \(got 1.5\)",
+    ):
+        labeling.LabelingOptions("m", "i", "o", faces="detect", min_face_confidence=1.5)
+    with pytest.raises(labeling.LabelingError, match="face actors"):
+        labeling.LabelingOptions("m", "i", "o", faces="auto", face_actors=0)
+    manifest_with_box = tmp_path / "boxes.parquet"
+    pq.write_table(pa.table({"image_uri": [real_faces["image_uri"].iloc[0]], "box": ["x"]}), manifest_with_box)
+    options = labeling.LabelingOptions(str(tiny_model_dir), str(manifest_with_box), str(tmp_path / "out"))
+    labeling.prepare(options)  # aligned mode writes no box column: nothing to overwrite
+    with pytest.raises(labeling.LabelingError, match=r"\['box'\] would be overwritten by the faces columns"):
+        labeling.prepare(dataclasses.replace(options, faces="detect"))
 
 
 def test_job_entry_point_fails_fast_without_starting_ray(tmp_path):

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from genderrec import evaluation, manifest, selection, storage, training
+from genderrec import evaluation, manifest, reports, selection, storage, training
 from genderrec.config import Config, parse_config
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def prepare_manifest(cfg: Config, run_dir: str) -> tuple[pd.DataFrame, str]:
     return frame, uri
 
 
-def evaluate_run(summary: dict, test: dict, cfg_json: dict, run_dir: str) -> dict:
-    """Test metrics and inference time of one run's best checkpoint; exports it as a model directory."""
+def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json: dict, run_dir: str) -> dict:
+    """Test metrics with intervals and inference time of one run's best checkpoint; exports it as a model
+    directory with its ``metrics.json`` (the full evaluation). ``test_p_male`` carries the predictions."""
 
     from genderrec import images, models
 
@@ -52,38 +53,45 @@ def evaluate_run(summary: dict, test: dict, cfg_json: dict, run_dir: str) -> dic
     training.configure_threads(cfg.resources.cpus_per_run)
     name = f"{summary['architecture']}_{summary['mode']}"
     model = models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE))
-    p_male = evaluation.predict_uris(
-        model, test["image_uri"], cfg.data.image_size, cfg.data.crop_box, cfg.training.batch_size
-    )
-    metrics = evaluation.binary_metrics(test["male"], p_male)
-    first = test["image_uri"][: cfg.training.batch_size]
-    batch = np.stack(
-        [images.load_image(storage.read_bytes(uri), cfg.data.image_size, cfg.data.crop_box) for uri in first]
-    )
-    ms_per_1000 = evaluation.inference_ms_per_1000(model, batch, cfg.training.inference_timing_images)
-
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
-    weights = cfg.models.weights_for(summary["architecture"])
     row = {
         "architecture": summary["architecture"],
         "mode": summary["mode"],
-        "weights": models.describe_weights(weights),
+        "weights": models.describe_weights(cfg.models.weights_for(summary["architecture"])),
         "params_total": summary["params_total"],
         "params_trainable": summary["params_trainable"],
         "epochs_run": summary["epochs_run"],
         "best_epoch": summary["best_epoch"],
         f"best_{monitor}": summary[f"best_{monitor}"],
-        "test_accuracy": metrics["accuracy"],
-        "test_auc": metrics["auc"],
-        "test_images": metrics["n"],
         "train_minutes": summary["train_seconds"] / 60,
-        "inference_ms_per_1000": ms_per_1000,
         "model_uri": storage.join(run_dir, "models", name),
     }
+    card = model_card(cfg, row)
+    test = test.join(evaluation.predict(model, card, test, cfg.training.batch_size))
+    val = val.join(evaluation.predict(model, card, val, cfg.training.batch_size)) if len(val) else None
+    metrics = evaluation.evaluate_predictions(test, val, evaluation.EvaluationOptions(seed=cfg.data.seed))
+    accuracy, auc = metrics["at_threshold"]["fixed"]["accuracy"], metrics["metrics"]["roc_auc"]
+    row.update(
+        test_accuracy=accuracy["value"],
+        test_accuracy_low=accuracy["low"],
+        test_accuracy_high=accuracy["high"],
+        test_auc=auc["value"],
+        test_auc_low=auc["low"],
+        test_auc_high=auc["high"],
+        test_images=metrics["data"]["images"],
+    )
+    first = test["image_uri"].iloc[: cfg.training.batch_size]
+    batch = np.stack(
+        [images.load_image(storage.read_bytes(uri), cfg.data.image_size, cfg.data.crop_box) for uri in first]
+    )
+    row["inference_ms_per_1000"] = evaluation.inference_ms_per_1000(model, batch, cfg.training.inference_timing_images)
+
     model_dir = row["model_uri"]
     selection.export(model, model_dir, model_card(cfg, row))
     storage.write_text(storage.join(model_dir, "history.csv"), pd.DataFrame(summary["history"]).to_csv(index=False))
-    return row
+    metrics["model"] = {"dir": model_dir, "name": name, "architecture": row["architecture"], "mode": row["mode"]}
+    reports.write_json(storage.join(model_dir, "metrics.json"), metrics)
+    return {**row, "test_p_male": test["p_male"].tolist()}
 
 
 def model_card(cfg: Config, row: dict) -> dict:
@@ -103,12 +111,34 @@ def model_card(cfg: Config, row: dict) -> dict:
         "weights": row["weights"],
         "metrics": {
             key: row[key]
-            for key in ("test_accuracy", "test_auc", "test_images", "best_val_accuracy", "inference_ms_per_1000")
+            for key in (
+                "test_accuracy",
+                "test_accuracy_low",
+                "test_accuracy_high",
+                "test_auc",
+                "test_auc_low",
+                "test_auc_high",
+                "test_images",
+                "best_val_accuracy",
+                "inference_ms_per_1000",
+            )
             if key in row
         },
         "split": cfg.data.split,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def selection_p_values(cfg: Config, test: pd.DataFrame, predictions: pd.DataFrame):
+    """Pairwise p-values of the runs for the selection metric, and the test's name (``None`` for a val metric)."""
+    bootstrap = evaluation.Bootstrap(seed=cfg.data.seed)
+    if cfg.selection.metric == "test_accuracy":
+        p_values = evaluation.pairwise_p_values(test, predictions, "accuracy", bootstrap)
+        return p_values, f"McNemar exact test on {len(test)} paired test images"
+    if cfg.selection.metric == "test_auc":
+        p_values = evaluation.pairwise_p_values(test, predictions, "auc", bootstrap)
+        return p_values, f"paired bootstrap of the AUC difference on {len(test)} test images"
+    return None, ""
 
 
 def train_all(cfg: Config) -> str:
@@ -120,28 +150,40 @@ def train_all(cfg: Config) -> str:
     log.info("manifest %s: %s", manifest_uri, frame["split"].value_counts().to_dict())
     summaries = training.run_grid(cfg, training.run_data(frame), run_dir)
 
-    test = frame[frame["split"] == "test"]
-    test_data = {"image_uri": test["image_uri"].tolist(), "male": test["male"].tolist()}
+    test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     remote = ray.remote(evaluate_run).options(
         num_cpus=cfg.resources.cpus_per_run, num_gpus=1 if cfg.resources.use_gpu else 0
     )
     cfg_json = cfg.model_dump(mode="json")
     # One at a time, so that every model's inference time is measured on an otherwise idle worker.
-    rows = [ray.get(remote.remote(summary, test_data, cfg_json, run_dir)) for summary in summaries]
+    rows = [ray.get(remote.remote(summary, test, val, cfg_json, run_dir)) for summary in summaries]
+    predictions = pd.DataFrame(
+        {f"{row['architecture']}/{row['mode']}": row.pop("test_p_male") for row in rows}, index=test.index
+    )
 
     board = pd.DataFrame(rows).sort_values(["test_accuracy", "test_auc"], ascending=False).reset_index(drop=True)
     board.insert(0, "rank", np.arange(1, len(board) + 1))
-    chosen, reason = selection.select(board, cfg.selection)
+    p_values, test_name = selection_p_values(cfg, test, predictions)
+    chosen, reason = selection.select(board, cfg.selection, p_values, test_name)
     board["selected"] = (board["architecture"] == chosen["architecture"]) & (board["mode"] == chosen["mode"])
+    if p_values is not None:
+        chosen_name = selection.run_name(chosen)
+        board["p_vs_selected"] = [
+            np.nan if selection.run_name(row) == chosen_name else p_values.loc[chosen_name, selection.run_name(row)]
+            for _, row in board.iterrows()
+        ]
     storage.write_bytes(storage.join(run_dir, "leaderboard.parquet"), board.to_parquet(index=False))
     title = f"Leaderboard: {cfg.run.name} ({len(test)} test images, split={cfg.data.split})"
     markdown = (
-        evaluation.leaderboard_markdown(board, title)
+        reports.leaderboard_markdown(board, title)
         + f"\nSelected: **{chosen['architecture']}/{chosen['mode']}** — {reason}.\n"
+        + "\n`test_accuracy_low`/`_high`, `test_auc_low`/`_high`: 95 % percentile-bootstrap interval (identities "
+        + "resampled when the manifest has them); each run's full evaluation is `models/<run>/metrics.json`."
+        + (f" `p_vs_selected`: {test_name} against the selected run.\n" if p_values is not None else "\n")
     )
     storage.write_text(storage.join(run_dir, "leaderboard.md"), markdown)
     histories = {f"{s['architecture']}_{s['mode']}": s["history"] for s in summaries}
-    evaluation.write_figures(board, histories, storage.join(run_dir, "figures"))
+    reports.write_leaderboard_figures(board, histories, storage.join(run_dir, "figures"))
 
     selected_dir = storage.join(run_dir, "selected")
     storage.copy(chosen["model_uri"], selected_dir)

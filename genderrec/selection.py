@@ -18,14 +18,26 @@ CARD_FILE = "card.json"
 CLASS_NAMES = ("female", "male")
 
 
-def select(board: pd.DataFrame, rule: SelectionConfig) -> tuple[pd.Series, str]:
-    """Pick a run: the pinned one, else the best ``rule.metric``; near-ties go to the faster model."""
+def run_name(row) -> str:
+    """A leaderboard row's run as ``architecture/mode`` (the form ``selection.pin`` takes)."""
+    return f"{row['architecture']}/{row['mode']}"
+
+
+def select(
+    board: pd.DataFrame, rule: SelectionConfig, p_values: pd.DataFrame | None = None, test: str = "paired test"
+) -> tuple[pd.Series, str]:
+    """Pick a run: the pinned one, else the best ``rule.metric``; near-ties go to the faster model.
+
+    The reason always says whether the chosen run's difference to the best other run is statistically significant
+    (``p_values``: runs x runs, named ``architecture/mode``, from ``test``), or that it was not tested.
+    """
     if rule.pin:
         architecture, _, mode = rule.pin.partition("/")
         chosen = board[(board["architecture"] == architecture) & (board["mode"] == mode)]
         if chosen.empty:
             raise ValueError(f"pinned run {rule.pin} is not on the leaderboard")
-        return chosen.iloc[0], f"pinned in the config ({rule.pin})"
+        chosen = chosen.iloc[0]
+        return chosen, f"pinned in the config ({rule.pin}); {significance(board, chosen, rule.metric, p_values, test)}"
     best = board[rule.metric].max()
     contenders = board[board[rule.metric] >= best - rule.tolerance]
     chosen = contenders.sort_values("inference_ms_per_1000").iloc[0]
@@ -35,7 +47,24 @@ def select(board: pd.DataFrame, rule: SelectionConfig) -> tuple[pd.Series, str]:
             f"fastest of {len(contenders)} runs within {rule.tolerance} of the best {rule.metric} ({best:.4f}); "
             "their differences are within the tolerance"
         )
-    return chosen, reason
+    return chosen, f"{reason}; {significance(board, chosen, rule.metric, p_values, test)}"
+
+
+def significance(board: pd.DataFrame, chosen: pd.Series, metric: str, p_values, test: str) -> str:
+    """Whether ``chosen`` differs from the best other run beyond the noise of the test set, in words."""
+    from genderrec.evaluation import SIGNIFICANCE_LEVEL
+
+    others = board[[run_name(row) != run_name(chosen) for _, row in board.iterrows()]]
+    if others.empty:
+        return "no other run to compare with"
+    other = others.sort_values(metric, ascending=False).iloc[0]
+    relation = f"{metric} {chosen[metric] - other[metric]:+.4f} vs the best other run {run_name(other)}"
+    if p_values is None:
+        return f"{relation}, not tested for significance (no paired test predictions for {metric})"
+    p_value = float(p_values.loc[run_name(chosen), run_name(other)])
+    if p_value < SIGNIFICANCE_LEVEL:
+        return f"{relation}: significant ({test}, p={p_value:.2g})"
+    return f"{relation}: NOT significant ({test}, p={p_value:.2g}), the two are tied within the noise of this test set"
 
 
 def export(model, model_dir: str, card: dict) -> None:

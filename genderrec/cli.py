@@ -132,6 +132,10 @@ def cmd_serve(args) -> int:
         host=args.host,
         port=args.port,
         model=args.model,
+        faces=args.faces,
+        min_face_size=args.min_face_size,
+        min_face_confidence=args.min_face_confidence,
+        max_faces=args.max_faces,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
@@ -249,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a builder arg, e.g. max_batch_size=32 or autoscaling_config.max_replicas=8",
     )
+    _face_flags(serve_)  # --faces: the mode of requests without ?faces=
     serve_.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(serve_)
     serve_.set_defaults(func=cmd_serve)

@@ -3,7 +3,9 @@
 One FastAPI app is the ingress of one deployment. Each replica loads the model once, decodes uploads
 with the same :func:`genderrec.images.load_image` that training used, and runs the model on dynamic
 batches (``@serve.batch``) gathered across concurrent requests; outputs always pass through the card's
-calibration. Bad input is answered with a status and a sentence naming the image and the problem, and
+calibration. ``POST /v1/predict?faces=detect`` (or ``auto``) takes ordinary photos: each replica also loads the face
+detector once, and every face found is aligned CelebA-style (:mod:`genderrec.faces`) and classified, its box and
+landmarks returned with it; ``faces=aligned`` (the default) takes the image as a CelebA-like crop, as before. Bad input is answered with a status and a sentence naming the image and the problem, and
 never touches the model, so the replica stays healthy. Only the API, its docs and the page are served.
 
 ``app_builder`` is the application builder that ``serve run configs/serve.yaml``, ``serve deploy`` and
@@ -12,6 +14,7 @@ never touches the model, so the replica stays healthy. Only the API, its docs an
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at runtime.
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,8 +32,9 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from genderrec import images, selection, storage
+from genderrec import faces, images, selection, storage
 from genderrec.config import apply_override
+from genderrec.faces import FacesMode
 
 IMPORT_PATH = "genderrec.serving:app_builder"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -39,12 +43,17 @@ NO_IMAGE = "no image in the request: send multipart files (curl -F image=@face.j
 PAGE = resources.files("genderrec").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-class ServeArgs(BaseModel):
-    """The builder's ``args`` (from ``configs/serve.yaml`` or ``genderrec serve``); unknown keys are errors."""
+class ServeArgs(faces.FaceOptions):
+    """The builder's ``args`` (from ``configs/serve.yaml`` or ``genderrec serve``); unknown keys are errors.
+
+    The face options (``min_face_size``, ``min_face_confidence``, ``max_faces``) are :class:`faces.FaceOptions`'s,
+    named as ``genderrec label``'s flags.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="model directory (local or s3://) holding model.keras and card.json")
+    faces: FacesMode = Field(default="aligned", description="faces mode of requests without ?faces=")
     max_batch_size: int = Field(default=16, ge=1, description="most images per model call; 1 turns batching off")
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="longest wait for a batch to fill")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests a replica accepts at once")
@@ -78,6 +87,34 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[Prediction] = Field(description="one per image, in request order")
+
+
+class FacePrediction(BaseModel):
+    face_index: int = Field(description="0 is the largest face of the image")
+    face_source: Literal["detected", "whole_image"] = Field(description="whole_image: auto mode found no face")
+    box: list[float] | None = Field(description="[left, top, right, bottom], pixels of the upright (EXIF) image")
+    landmarks: list[list[float]] | None = Field(
+        description="[x, y] of the left eye, right eye, nose, mouth left, mouth right ('left': the image's left)"
+    )
+    det_confidence: float | None = Field(description="the detector's confidence")
+    label: str = Field(description="class name: p_male >= the card's threshold gives 'male'")
+    p_male: float = Field(description="calibrated probability that the face is male")
+    batch_size: int = Field(description="how many faces or images the model ran on together with this one")
+
+
+class ImageFaces(BaseModel):
+    image: str = Field(description="which upload: 'request body' or \"file 'x.jpg' (field 'image')\"")
+    width: int = Field(description="width of the upright image, the frame of the boxes")
+    height: int
+    faces: list[FacePrediction] = Field(description="largest first; empty when no face was found")
+    error: str | None = Field(description="'no face found' (faces=detect), else null")
+
+
+class FacesResponse(BaseModel):
+    faces: FacesMode = Field(description="the request's faces mode: detect or auto")
+    model: str = Field(description="name of the model (from its card)")
+    latency_ms: float = Field(description="time on the server, from receiving the request to this answer")
+    images: list[ImageFaces] = Field(description="one per image, in request order")
 
 
 class Upload(NamedTuple):
@@ -185,6 +222,12 @@ class GenderClassifier:
         self.input_size = tuple(self.card["input_size"])
         self.crop_box = tuple(self.card["crop_box"]) if self.card.get("crop_box") else None
         self.failure: str | None = None
+        self.face_options = faces.FaceOptions.model_validate(
+            args.model_dump(include=set(faces.FaceOptions.model_fields))
+        )
+        self.detector = faces.load_detector(self.face_options)
+        self.detector.detect(np.zeros((64, 64, 3), np.uint8))  # trace the detector's networks before any request
+        self._detector_lock = threading.Lock()  # one detection at a time: requests' threads share the detector
         self._predict_batch.set_max_batch_size(args.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         # Trace the predict function for batch sizes 1 and 2: Keras then generalises it to any batch size,
@@ -213,8 +256,8 @@ class GenderClassifier:
 
     @app.post(
         "/v1/predict",
-        response_model=PredictResponse,
-        summary="Classify one or more images (multipart files, or one raw image body)",
+        response_model=PredictResponse | FacesResponse,
+        summary="Classify one or more images (multipart files, or one raw image body), or the faces in them",
         openapi_extra=_PREDICT_BODY,
         responses={
             400: {"description": "no image in the request, or a malformed multipart body"},
@@ -223,18 +266,28 @@ class GenderClassifier:
             422: {"description": "corrupt image, or too many pixels (decompression bomb)"},
         },
     )
-    async def predict(self, request: Request) -> PredictResponse:
+    async def predict(
+        self,
+        request: Request,
+        faces_mode: FacesMode | None = Query(
+            None,
+            alias="faces",
+            description="aligned: each image is a CelebA-like face crop; detect: classify every face found in "
+            "ordinary photos; auto: detect, else the whole image (default: the server's 'faces' setting)",
+        ),
+    ) -> PredictResponse | FacesResponse:
         started = time.perf_counter()
+        mode = faces_mode or self.args.faces
         uploads = await read_uploads(request, self.args.max_body_bytes)
+        if mode != "aligned":
+            return await self._predict_faces(uploads, mode, started)
         pixels = await asyncio.to_thread(self._decode_all, uploads)
         results = await asyncio.gather(*(self._predict_batch(item) for item in pixels))
         latency_ms = (time.perf_counter() - started) * 1000
-        threshold = self.card.get("threshold", 0.5)
-        female, male = self.card.get("class_names", selection.CLASS_NAMES)
         return PredictResponse(
             predictions=[
                 Prediction(
-                    label=male if p_male >= threshold else female,
+                    label=self._label(p_male),
                     p_male=p_male,
                     model=self.card["name"],
                     latency_ms=latency_ms,
@@ -244,14 +297,55 @@ class GenderClassifier:
             ]
         )
 
+    async def _predict_faces(self, uploads: list[Upload], mode: str, started: float) -> FacesResponse:
+        photos = await asyncio.to_thread(self._find_faces, uploads, mode)
+        crops = [crop for _, crops in photos for crop in crops]
+        results = iter(await asyncio.gather(*(self._predict_batch(crop.pixels) for crop in crops)))
+        answers = []
+        for upload, ((height, width), crops) in zip(uploads, photos, strict=True):
+            predictions = []
+            for crop in crops:
+                p_male, batch_size = next(results)
+                face = crop.face
+                predictions.append(
+                    FacePrediction(
+                        face_index=crop.face_index,
+                        face_source=crop.source,
+                        box=list(face.box) if face else None,
+                        landmarks=face.landmarks.tolist() if face else None,
+                        det_confidence=face.confidence if face else None,
+                        label=self._label(p_male),
+                        p_male=p_male,
+                        batch_size=batch_size,
+                    )
+                )
+            error = None if crops else faces.NO_FACE
+            answers.append(ImageFaces(image=upload.name, width=width, height=height, faces=predictions, error=error))
+        latency_ms = (time.perf_counter() - started) * 1000
+        return FacesResponse(faces=mode, model=self.card["name"], latency_ms=latency_ms, images=answers)
+
+    def _label(self, p_male: float) -> str:
+        female, male = self.card.get("class_names", selection.CLASS_NAMES)
+        return male if p_male >= self.card.get("threshold", 0.5) else female
+
+    def _decode(self, upload: Upload) -> np.ndarray:
+        try:
+            return images.decode_image(upload.data, self.args.max_pixels)
+        except images.ImageDecodeError as exc:
+            raise HTTPException(422, f"{upload.name}: {exc}") from None
+
     def _decode_all(self, uploads: list[Upload]) -> list[np.ndarray]:
-        pixels = []
-        for upload in uploads:
-            try:
-                pixels.append(images.load_image(upload.data, self.input_size, self.crop_box, self.args.max_pixels))
-            except images.ImageDecodeError as exc:
-                raise HTTPException(422, f"{upload.name}: {exc}") from None
-        return pixels
+        return [images.resize(self._decode(upload), self.input_size, self.crop_box) for upload in uploads]
+
+    def _find_faces(self, uploads: list[Upload], mode: str) -> list[tuple[tuple[int, int], list[faces.FaceCrop]]]:
+        """Each upload's (height, width) and model inputs: its faces, aligned (or, in auto mode, the whole image)."""
+        rgbs = [self._decode(upload) for upload in uploads]  # every upload is checked before any detection
+        found = []
+        for rgb in rgbs:
+            with self._detector_lock:
+                crops = faces.face_crops(rgb, self.detector, self.face_options, mode, self.input_size, self.crop_box)
+            found.append((rgb.shape[:2], crops))
+        return found
 
     @serve.batch
     async def _predict_batch(self, batch: list[np.ndarray]) -> list[tuple[float, int]]:

@@ -7,6 +7,7 @@ tiny test model with a temperature in its card, so every comparison also checks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import signal
@@ -19,9 +20,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from test_faces import detector, iou, layout, match, no_face_photo
 from test_images import png_with_declared_size
 
 from genderrec import images, selection, serving
+from genderrec.faces import NO_FACE, FaceOptions, face_crops
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "configs" / "serve.yaml"
@@ -281,12 +284,64 @@ def test_32_concurrent_requests_all_succeed_and_are_batched(base_url, served_mod
     assert max(batch_sizes) > 1 and max(batch_sizes) <= 8
 
 
-def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
+def test_face_settings_are_checked(tiny_model_dir):
+    settings = serving.settings(str(SERVE_CONFIG), ["faces=auto", "max_faces=3"], model=str(tiny_model_dir))
+    assert (settings.args.faces, settings.args.max_faces, settings.args.min_face_size) == ("auto", 3, 20)
+    with pytest.raises(ValueError, match="max_faces"):
+        serving.ServeArgs(model="m", max_faces=0)
+    with pytest.raises(ValueError, match="'aligned', 'detect' or 'auto'"):
+        serving.ServeArgs(model="m", faces="all")
+
+
+def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_model, celeba_dir):
+    _, model, card = served_model
+    size = tuple(card["input_size"])
+    group, single = layout(celeba_dir, "three-faces-exif"), layout(celeba_dir, "one-face")
+    files = [
+        ("image", (name, data, "image/jpeg"))
+        for name, data in [("group.jpg", group.data), ("nobody.jpg", no_face_photo()), ("single.jpg", single.data)]
+    ]
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        detect = client.post("/v1/predict", params={"faces": "detect"}, files=files)
+        auto = client.post("/v1/predict?faces=auto", content=no_face_photo(), headers={"content-type": "image/jpeg"})
+        aligned = predict(client, content=no_face_photo())
+        wrong = client.post("/v1/predict?faces=all", content=single.data)
+    assert detect.status_code == 200, detect.text
+    body = detect.json()
+    assert body["faces"] == "detect" and body["model"] == card["name"] and body["latency_ms"] > 0
+    group_result, nobody, single_result = body["images"]
+    assert group_result["image"] == "file 'group.jpg' (field 'image')"
+    assert (group_result["width"], group_result["height"]) == (720, 480)  # upright: EXIF applied
+    assert nobody["faces"] == [] and nobody["error"] == NO_FACE
+    for composite, result in ((group, group_result), (single, single_result)):
+        found = result["faces"]
+        assert result["error"] is None and [face["face_index"] for face in found] == list(range(len(composite.boxes)))
+        boxes = [face["box"] for face in found]
+        for known, index in zip(composite.boxes, match(boxes, composite.boxes), strict=True):
+            assert iou(boxes[index], known) >= 0.5
+        crops = face_crops(images.decode_image(composite.data), detector(), FaceOptions(), "detect", size)
+        expected = selection.apply_calibration(
+            model.predict(np.stack([c.pixels for c in crops]), verbose=0)[:, 0], card
+        )
+        np.testing.assert_allclose([face["p_male"] for face in found], expected, atol=1e-5)
+        np.testing.assert_allclose([face["landmarks"] for face in found], [c.face.landmarks for c in crops], atol=1e-3)
+        for face in found:
+            assert face["face_source"] == "detected" and face["det_confidence"] >= 0.9 and face["batch_size"] >= 1
+            assert face["label"] == ("male" if face["p_male"] >= card["threshold"] else "female")
+
+    assert auto.status_code == 200, auto.text
+    (whole,) = auto.json()["images"][0]["faces"]
+    assert whole["face_source"] == "whole_image" and whole["box"] is None and auto.json()["images"][0]["error"] is None
+    assert whole["p_male"] == pytest.approx(aligned[0]["p_male"], abs=1e-6)  # the whole image, as ?faces=aligned
+    assert wrong.status_code == 422 and "'aligned', 'detect' or 'auto'" in wrong.text
+
+
+@contextlib.contextmanager
+def chromium(profile: Path):
+    """Headless Chromium driven by selenium, quit at the end."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = Options()
     options.binary_location = "/usr/bin/chromium"
@@ -300,16 +355,26 @@ def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
         "--disable-component-update",
         "--disable-sync",
         "--window-size=900,1000",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--user-data-dir={profile}",
     ):
         options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     face = celeba_dir / "img_align_celeba" / faces[0][0]
     with httpx.Client(base_url=base_url, timeout=120) as client:
         expected_label = predict(client, content=face.read_bytes())[0]["label"]
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("not a photo")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
+    with chromium(tmp_path / "chromium-profile") as driver:
         driver.get(base_url + "/")
         wait = WebDriverWait(driver, 120)
         wait.until(lambda d: "googlenet_fine_tune" in d.find_element(By.ID, "model").text)
@@ -335,5 +400,44 @@ def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
         driver.get(base_url + "/docs")
         wait.until(lambda d: "/v1/predict" in [e.text for e in d.find_elements(By.CLASS_NAME, "opblock-summary-path")])
         driver.save_screenshot(str(ARTIFACTS / "docs.png"))
-    finally:
-        driver.quit()
+
+
+def test_page_draws_each_face_with_its_label(base_url, celeba_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    composite = layout(celeba_dir, "three-faces-exif")  # stored sideways: the browser must turn it upright too
+    photo = tmp_path / "group.jpg"
+    photo.write_bytes(composite.data)
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        response = client.post("/v1/predict?faces=detect", content=composite.data)
+    expected = response.json()["images"][0]
+    with chromium(tmp_path / "chromium-profile") as driver:
+        driver.get(base_url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "googlenet_fine_tune" in d.find_element(By.ID, "model").text)
+        Select(driver.find_element(By.ID, "mode")).select_by_value("detect")
+        driver.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda d: len(d.find_elements(By.CLASS_NAME, "face-box")) == len(composite.boxes))
+        preview = driver.find_element(By.ID, "preview")
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview))
+        natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", preview)
+        assert natural == [expected["width"], expected["height"]]
+        image = preview.rect
+        scale = image["width"] / expected["width"]
+        for element in driver.find_elements(By.CLASS_NAME, "face-box"):
+            face = expected["faces"][int(element.get_attribute("data-face-index"))]
+            left, top, right, bottom = (value * scale for value in face["box"])
+            drawn = element.rect
+            assert element.is_displayed()
+            assert drawn["x"] == pytest.approx(image["x"] + left, abs=2) and drawn["y"] == pytest.approx(
+                image["y"] + top, abs=2
+            )
+            assert drawn["width"] == pytest.approx(right - left, abs=2)
+            assert drawn["height"] == pytest.approx(bottom - top, abs=2)
+            percent = f"{100 * face['p_male']:.1f}%"
+            assert element.text == f"{face['face_index']}: {face['label']}, p(male) {percent}"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#faces li")) == len(composite.boxes)
+        assert driver.find_element(By.ID, "error").text == ""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "page-faces.png"))

@@ -53,6 +53,8 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     training.configure_threads(cfg.resources.cpus_per_run)
     name = f"{summary['architecture']}_{summary['mode']}"
     model = models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE))
+    if cfg.models.flip_average:
+        model = models.with_flip_average(model)
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
     row = {
         "architecture": summary["architecture"],
@@ -109,6 +111,7 @@ def model_card(cfg: Config, row: dict) -> dict:
         "class_names": list(selection.CLASS_NAMES),
         "threshold": 0.5,
         "weights": row["weights"],
+        "flip_average": cfg.models.flip_average,
         "metrics": {
             key: row[key]
             for key in (

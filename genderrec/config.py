@@ -91,6 +91,9 @@ class ModelsConfig(_Strict):
     modes: tuple[Literal["fine_tune", "transfer"], ...] = MODES
     weights: str | dict[str, str] = {"default": "imagenet", "googlenet": "none"}
     head: HeadConfig = HeadConfig()
+    # Evaluate and export each model as the average of its p(male) on the image and on its mirror image
+    # (test-time flip augmentation inside the exported model: twice the inference cost).
+    flip_average: bool = False
 
     @field_validator("architectures")
     @classmethod

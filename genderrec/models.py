@@ -129,6 +129,26 @@ class ArchitecturePreprocessing(layers.Layer):
         return {**super().get_config(), "architecture_name": self.architecture_name}
 
 
+@keras.saving.register_keras_serializable(package="genderrec")
+class HorizontalFlip(layers.Layer):
+    """Mirrors images left to right, always (``RandomFlip`` only does so at random, in training)."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=-2)
+
+
+def with_flip_average(model: keras.Model) -> keras.Model:
+    """Test-time augmentation inside the model: p(male) averaged over the image and its mirror image.
+
+    Faces are left-right symmetric for this task, so the two views' errors partly cancel (at twice the inference
+    cost); labeling, serving and evaluation get it with the model, nothing else changes.
+    """
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    mirrored = HorizontalFlip(name="mirror")(inputs)
+    outputs = layers.Average(name="p_male_flip_average")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_flip_average")
+
+
 def describe_weights(source: str) -> str:
     """How a weights source reads in the leaderboard and model card."""
     return {"imagenet": "imagenet", "none": "none (random init)"}.get(source, f"file: {source}")

@@ -115,3 +115,15 @@ def test_saved_model_round_trip_keeps_predictions(tmp_path):
     models.save_model(model, str(tmp_path / "m" / "model.keras"))
     loaded = models.load_model(str(tmp_path / "m" / "model.keras"))
     np.testing.assert_allclose(loaded.predict(batch, verbose=0), model.predict(batch, verbose=0), atol=1e-6)
+
+
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror_and_survives_saving(tmp_path):
+    model = models.build_model("googlenet", "fine_tune", SIZE)
+    batch = RNG.uniform(0, 255, (3, *SIZE, 3)).astype("float32")
+    averaged = models.with_flip_average(model)
+    expected = (model.predict(batch, verbose=0) + model.predict(batch[:, :, ::-1], verbose=0)) / 2
+    assert not np.allclose(model.predict(batch, verbose=0), expected, atol=1e-4)  # the mirror really differs
+    np.testing.assert_allclose(averaged.predict(batch, verbose=0), expected, atol=1e-5)
+    models.save_model(averaged, str(tmp_path / "m" / "model.keras"))
+    loaded = models.load_model(str(tmp_path / "m" / "model.keras"))
+    np.testing.assert_allclose(loaded.predict(batch, verbose=0), expected, atol=1e-5)

@@ -17,11 +17,15 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from genderrec import storage
+
+if TYPE_CHECKING:
+    from genderrec.faces import FaceOptions
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,12 @@ class EvaluationOptions:
     min_group_size: int = MIN_GROUP_SIZE
     face_images: bool = True
     batch_size: int = 64
+    faces: str = "aligned"  # detect/auto: ordinary photos, each scored by its largest face (genderrec.faces)
+    face_options: FaceOptions | None = None  # detect/auto: which detections count (None: the defaults)
 
     def __post_init__(self):
+        if self.faces not in ("aligned", "detect", "auto"):
+            raise ValueError(f"faces must be one of aligned, detect, auto, got {self.faces!r}")
         if self.threshold_metric not in THRESHOLD_METRICS:
             raise ValueError(f"threshold metric must be one of {THRESHOLD_METRICS}, got {self.threshold_metric!r}")
         if not 0 < self.confidence < 1:
@@ -307,7 +315,8 @@ def group_report(scored: pd.DataFrame, threshold: float, columns, bootstrap: Boo
     """Per-group accuracy and error rates with intervals; each column's gap; the largest gap and the worst group.
 
     A group with fewer than ``min_size`` images is reported but flagged ``small`` and left out of gaps and of
-    the worst group: its interval is too wide to rank it.
+    the worst group: its interval is too wide to rank it. Each rate also says its own denominator (``n``: the
+    group's images, men or women) and whether that is ``small``.
     """
     truth, p_male = scored["male"].to_numpy(), scored["p_male"].to_numpy()
     labels, member_columns, skipped = [], [], []
@@ -332,18 +341,24 @@ def group_report(scored: pd.DataFrame, threshold: float, columns, bootstrap: Boo
     replicates = bootstrap.replicate(statistic, units)
     groups = []
     for index, (column, value) in enumerate(labels):
-        n = int(point["n"][index])
+        n, n_male = int(point["n"][index]), int(members[:, index][truth == 1].sum())
+        # Each rate carries its denominator: a rate over 1 woman has a [0, 0] interval, which is not certainty.
+        denominators = {"accuracy": n, "male_as_female_rate": n_male, "female_as_male_rate": n - n_male}
         groups.append(
             {
                 "column": column,
                 "value": value,
                 "n": n,
-                "n_male": int(members[:, index][truth == 1].sum()),
-                "n_female": int(members[:, index][truth == 0].sum()),
+                "n_male": n_male,
+                "n_female": n - n_male,
                 "small": n < min_size,
                 **{
-                    key: bootstrap.interval(point[key][index], replicates[key][:, index])
-                    for key in ("accuracy", "male_as_female_rate", "female_as_male_rate")
+                    key: {
+                        **bootstrap.interval(point[key][index], replicates[key][:, index]),
+                        "n": denominator,
+                        "small": denominator < min_size,
+                    }
+                    for key, denominator in denominators.items()
                 },
             }
         )
@@ -556,25 +571,45 @@ def confident_mistakes(scored: pd.DataFrame, threshold: float, count: int = MIST
 # --------------------------------------------------------------------------- prediction and timing
 
 
-def predict(model, card: dict, rows: pd.DataFrame, batch_size: int = 64, chunk: int = 1024) -> pd.DataFrame:
+def predict(
+    model, card: dict, rows: pd.DataFrame, batch_size: int = 64, chunk: int = 1024, faces="aligned", face_options=None
+) -> pd.DataFrame:
     """``p_male`` (the card's calibration applied) for every manifest row, decoded exactly as in training.
 
     A row whose image cannot be read gets NaN and the reason in ``error``: one bad file never stops an
-    evaluation. Decoding runs in threads, ``chunk`` images at a time, so memory stays bounded.
+    evaluation. Decoding runs in threads, ``chunk`` images at a time, so memory stays bounded. With ``faces``
+    ``detect`` or ``auto`` each image is an ordinary photo scored by its largest face, aligned CelebA-style
+    (:func:`genderrec.faces.face_crops`); a photo without one is NaN with ``no face found`` (``detect``) or is
+    scored whole (``auto``).
     """
     import os
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from genderrec import faces as face_stage
     from genderrec import images, selection
 
     size = tuple(card["input_size"])
     crop_box = tuple(card["crop_box"]) if card.get("crop_box") else None
+    if faces != "aligned":
+        face_options = face_options or face_stage.FaceOptions()
+        detector, detector_lock = face_stage.load_detector(face_options), threading.Lock()
+
+    def pixels_of(data: bytes) -> np.ndarray | None:
+        """The model's input: the image as it is, or its largest face (None: no face)."""
+        if faces == "aligned":
+            return images.load_image(data, size, crop_box)
+        rgb = images.decode_image(data)
+        with detector_lock:  # the decoding threads share one detector
+            crops = face_stage.face_crops(rgb, detector, face_options, faces, size, crop_box)
+        return crops[0].pixels if crops else None
 
     def load(uri):
         try:
-            return images.load_image(storage.read_bytes(uri), size, crop_box), None
+            pixels = pixels_of(storage.read_bytes(uri))
         except (images.ImageDecodeError, OSError) as exc:
             return None, f"{uri}: {exc}"
+        return pixels, None if pixels is not None else f"{uri}: {face_stage.NO_FACE}"
 
     uris = rows["image_uri"].tolist()
     raw = np.full(len(uris), np.nan)
@@ -661,9 +696,10 @@ def evaluate_model_dir(model_dir: str, frame: pd.DataFrame, manifest_uri: str, o
     rows, val = split_rows(frame, options.split, manifest_uri)
     group_columns(rows, options.group_by)  # a misspelt --group-by fails before the model loads
     model, card = selection.load_selected(model_dir)
-    rows = rows.join(predict(model, card, rows, options.batch_size))
+    framing = {"faces": options.faces, "face_options": options.face_options}
+    rows = rows.join(predict(model, card, rows, options.batch_size, **framing))
     if val is not None:
-        val = val.join(predict(model, card, val, options.batch_size))
+        val = val.join(predict(model, card, val, options.batch_size, **framing))
     calibration = {"temperature": card.get("temperature"), "fitted_now": False}
     if options.calibrate:
         before = _scorable(rows)
@@ -695,6 +731,7 @@ def evaluate_model_dir(model_dir: str, frame: pd.DataFrame, manifest_uri: str, o
         "card_threshold": card.get("threshold", 0.5),
     }
     metrics["data"]["manifest"] = manifest_uri
+    metrics["data"]["faces"] = options.faces
     metrics["data"]["unreadable_examples"] = rows["error"].dropna().head(5).tolist()
     reports.write_model_report(metrics, rows, out_uri, face_images=options.face_images)
     return metrics, rows

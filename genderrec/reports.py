@@ -338,9 +338,9 @@ def write_comparison_report(comparison: dict, out_uri: str) -> list[str]:
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } .ci, .nw { white-space: nowrap; } .ci { color: #555; }
 img { max-width: 100%; border: 1px solid #eee; } .small { color: #999; } .bad { color: #b00; font-weight: 600; }
 .note { color: #555; font-size: 0.92em; } code { background: #f3f3f3; padding: 0 3px; }
 """
@@ -363,6 +363,13 @@ def _interval_text(estimate: dict, digits: int = 3) -> str:
 
 def _plural(unit: str) -> str:
     return {"identity": "identities", "image": "images"}[unit]
+
+
+def _interval_html(estimate: dict, digits: int = 3) -> str:
+    """Value, then its interval (which never breaks across lines)."""
+    text = _interval_text(estimate, digits)
+    value, _, interval = text.partition(" ")
+    return f'{value} <span class="ci">{interval}</span>' if interval else value
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -410,13 +417,13 @@ def model_html(metrics: dict, pngs: dict[str, bytes]) -> str:
         _table(
             ["metric", f"validation threshold {_fmt(validation['threshold'])}", "threshold 0.5"],
             [
-                [METRIC_LABELS[key], _num(_interval_text(validation[key])), _num(_interval_text(fixed[key]))]
+                [METRIC_LABELS[key], _num(_interval_html(validation[key])), _num(_interval_html(fixed[key]))]
                 for key in ("accuracy", "balanced_accuracy", "male_as_female_rate", "female_as_male_rate")
             ],
         ),
         _table(
             ["threshold-free metric", "value [95 % interval]"],
-            [[METRIC_LABELS[key], _num(_interval_text(value))] for key, value in metrics["metrics"].items()],
+            [[METRIC_LABELS[key], _num(_interval_html(value))] for key, value in metrics["metrics"].items()],
         ),
         _figure(pngs["roc.png"], "ROC and precision-recall curves"),
         _figure(pngs["confusion.png"], "confusion matrices"),
@@ -438,7 +445,7 @@ def _calibration_html(metrics: dict) -> str:
     if calibration.get("fitted_now"):
         before = calibration["before"]
         rows = [
-            [METRIC_LABELS[key], _num(_fmt(before[key])), _num(_interval_text(metrics["metrics"][key]))]
+            [METRIC_LABELS[key], _num(_fmt(before[key])), _num(_interval_html(metrics["metrics"][key]))]
             for key in ("log_loss", "brier", "ece")
         ]
         return (
@@ -456,7 +463,9 @@ def _groups_html(groups: dict) -> str:
     largest, worst = groups["largest_gap"], groups["worst_group"]
     summary = [
         f'<p class="note">Threshold {_fmt(groups["threshold"])}. A group of fewer than {groups["min_group_size"]} '
-        "images is flagged <i>small</i>: shown, but left out of gaps and of the worst group.</p>"
+        "images is flagged <i>small</i>: shown, but left out of gaps and of the worst group. A grey rate rests on "
+        f"fewer than {groups['min_group_size']} images (n after it): a [0, 0] interval there is not "
+        "certainty.</p>"
     ]
     if largest:
         verdict = "excludes 0" if largest["significant"] else "includes 0: not significant"
@@ -478,7 +487,7 @@ def _groups_html(groups: dict) -> str:
     rows = []
     for column in ordered:
         gap = column["gap"]
-        gap_text = "n/a (small groups)" if not gap else _interval_text(gap)
+        gap_text = "n/a (small groups)" if not gap else _interval_html(gap)
         css = "num bad" if gap and gap["significant"] else "num"
         for index, group in enumerate(column["groups"]):
             rows.append(
@@ -486,15 +495,20 @@ def _groups_html(groups: dict) -> str:
                     html.escape(column["column"]) if index == 0 else "",
                     html.escape(group["value"]),
                     _num(f"{group['n']} ({group['n_male']}/{group['n_female']})"),
-                    _num(_interval_text(group["accuracy"])),
-                    _num(_interval_text(group["male_as_female_rate"])),
-                    _num(_interval_text(group["female_as_male_rate"])),
+                    *(_rate_cell(group[key]) for key in ("accuracy", "male_as_female_rate", "female_as_male_rate")),
                     '<td class="small">small</td>' if group["small"] else "",
                     _num(gap_text, css) if index == 0 else "",
                 ]
             )
     header = ["column", "group", "n (male/female)", "accuracy", "men labeled female", "women labeled male", "", "gap"]
     return "\n".join(summary) + _table(header, rows)
+
+
+def _rate_cell(estimate: dict) -> str:
+    """A per-group rate; greyed, with its denominator, when that is under the minimum group size."""
+    if estimate["small"]:
+        return _num(f"{_interval_html(estimate)} (n={estimate['n']})", "num small")
+    return _num(_interval_html(estimate))
 
 
 def _mistakes_html(mistakes: list[dict], png: bytes | None) -> str:
@@ -525,10 +539,10 @@ def comparison_html(comparison: dict, png: bytes) -> str:
             mcnemar = versus["mcnemar"]
             css = "num bad" if versus["significant"] else "num"
             tail = [
-                _num(_interval_text(versus["accuracy_difference"])),
+                _num(_interval_html(versus["accuracy_difference"])),
                 _num(f"{mcnemar['only_a_correct']} / {mcnemar['only_b_correct']}"),
-                _num(f"{mcnemar['p_exact']:.3g}"),
-                _num(f"{versus['p_holm']:.3g}"),
+                _num(f'<span class="nw">{mcnemar["p_exact"]:.3g}</span>'),
+                _num(f'<span class="nw">{versus["p_holm"]:.3g}</span>'),
                 _num("yes" if versus["significant"] else "no", css),
             ]
         else:
@@ -536,10 +550,10 @@ def comparison_html(comparison: dict, png: bytes) -> str:
         rows.append(
             [
                 html.escape(model["name"]) + (" <b>(selected)</b>" if model["selected"] else ""),
-                _num(_interval_text(model["accuracy"])),
-                _num(_interval_text(model["balanced_accuracy"])),
-                _num(_interval_text(model["roc_auc"])),
-                _num(_interval_text(model["ece"])),
+                _num(_interval_html(model["accuracy"])),
+                _num(_interval_html(model["balanced_accuracy"])),
+                _num(_interval_html(model["roc_auc"])),
+                _num(_interval_html(model["ece"])),
                 *tail,
             ]
         )
@@ -550,10 +564,10 @@ def comparison_html(comparison: dict, png: bytes) -> str:
         "ROC-AUC",
         "ECE",
         "accuracy − best",
-        "only this / only best right",
+        "right only here / in best",
         "McNemar p",
         "Holm p",
-        "significantly worse",
+        "worse?",
     ]
     body = [
         f"<h1>Model comparison: {html.escape(str(comparison.get('run', '')))}</h1>",
@@ -565,6 +579,6 @@ def comparison_html(comparison: dict, png: bytes) -> str:
         f"significant below {comparison['significance_level']}.</p>",
         _table(header, rows),
         _figure(png, "accuracy and ROC-AUC per model"),
-        '<p class="note">Per-model reports: <code>models/&lt;name&gt;/report.html</code> beside this file.</p>',
+        "<p class=\"note\">Each model's full report: <code>models/&lt;name&gt;/</code> in this report's folder.</p>",
     ]
     return _page("Model comparison", "\n".join(body))

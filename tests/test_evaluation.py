@@ -212,6 +212,8 @@ def test_group_report_on_a_crafted_manifest():
     # Rows 1, 3, …, 19 are wrong women (male = 0 at odd rows): 10 of the 20 women with glasses labeled male.
     assert glasses["1"]["female_as_male_rate"]["value"] == pytest.approx(10 / 20)
     assert glasses["1"]["male_as_female_rate"]["value"] == 0
+    assert glasses["1"]["female_as_male_rate"]["n"] == 20 and not glasses["1"]["female_as_male_rate"]["small"]
+    assert glasses["0"]["accuracy"]["n"] == 60 and not glasses["0"]["accuracy"]["small"]
     for group in glasses.values():
         assert group["accuracy"]["low"] <= group["accuracy"]["value"] <= group["accuracy"]["high"]
     gap = columns["Eyeglasses"]["gap"]
@@ -219,6 +221,9 @@ def test_group_report_on_a_crafted_manifest():
     assert gap["low"] <= gap["value"] <= gap["high"]
     bald = {group["value"]: group for group in columns["Bald"]["groups"]}
     assert bald["1"]["n"] == 5 and bald["1"]["small"] and bald["1"]["accuracy"]["value"] == 0
+    # Rows 41-45: men at 42 and 44. Each rate says how many images it rests on.
+    assert (bald["1"]["male_as_female_rate"]["n"], bald["1"]["female_as_male_rate"]["n"]) == (2, 3)
+    assert bald["1"]["male_as_female_rate"]["small"] and bald["1"]["accuracy"]["small"]
     assert columns["Bald"]["gap"] is None  # one sizeable group only
     regions = {group["value"]: group for group in columns["region"]["groups"]}
     assert {name: group["n"] for name, group in regions.items()} == {"south": 46, "north": 34, "east": 20}

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 from sklearn import metrics as sk
+from test_serving import chromium
 from threadpoolctl import threadpool_limits
 
 from genderrec import cli, evaluation, manifest, models, reports, selection
@@ -289,28 +290,6 @@ def test_selection_says_whether_the_lead_is_significant():
     assert reason.startswith("pinned in the config (googlenet/transfer); test_accuracy -0.2000")
 
 
-def _chromium(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1100,1400",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-
-
 def assert_self_contained(page: str) -> None:
     """No script, no stylesheet or font from elsewhere, every image inline, every link local."""
     assert "<script" not in page.lower() and "@import" not in page and "url(" not in page
@@ -345,8 +324,7 @@ def test_report_html_is_self_contained_and_renders_in_chromium(tmp_path):
     assert_self_contained(page)
     assert page.count("<img") == 4 and metrics["mistakes"][0]["image_id"] in page  # the mistakes as a table
 
-    driver = _chromium(tmp_path)
-    try:
+    with chromium(tmp_path / "chromium-profile") as driver:
         driver.get((out / "report.html").as_uri())
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map(entry => entry.name)")
         assert loaded == []  # the page fetched nothing
@@ -354,8 +332,6 @@ def test_report_html_is_self_contained_and_renders_in_chromium(tmp_path):
         assert len(widths) == 4 and min(widths) > 100  # every embedded figure decoded
         assert "Headline metrics" in driver.find_element("tag name", "body").text
         screenshot = driver.get_screenshot_as_png()
-    finally:
-        driver.quit()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "report.png").write_bytes(screenshot)
     pixels = np.asarray(Image.open(io.BytesIO(screenshot)).convert("L"), dtype=float)

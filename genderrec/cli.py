@@ -20,8 +20,8 @@ def _face_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--faces",
         choices=faces.FACES_MODES,
-        help="aligned: images are CelebA-like face crops (default); detect: one row per face found in ordinary "
-        "photos; auto: detect, else the whole image",
+        help="aligned: images are CelebA-like face crops (default); detect: find the faces in ordinary photos and "
+        "classify each, aligned like CelebA (evaluate: the largest); auto: detect, else the whole image",
     )
     parser.add_argument(
         "--min-face-size", type=int, help="smaller faces (box's shorter side, px) are ignored (default 20)"
@@ -166,6 +166,10 @@ def cmd_evaluate(args) -> int:
         min_group_size=args.min_group_size,
         face_images=not args.no_face_images,
         batch_size=args.batch_size,
+        faces=args.faces or "aligned",
+        face_options=faces.FaceOptions(
+            **{key: getattr(args, key) for key in faces.FaceOptions.model_fields if getattr(args, key) is not None}
+        ),
     )
     manifest = storage.absolute(args.manifest) if args.manifest else None
     out = storage.absolute(args.out)
@@ -288,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-face-images", action="store_true", help="list the mistakes' image ids instead of showing the faces"
     )
     evaluate.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
+    _face_flags(evaluate)  # detect/auto: each image is scored by its largest face
     _storage_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from genderrec import faces, images, selection
+from genderrec import cli, evaluation, faces, images, manifest, selection
 
 CANVAS = (720, 480)  # width, height
 
@@ -107,7 +109,7 @@ def no_face_photo() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def pixel_model(celeba_manifest, tmp_path_factory):
+def pixel_model_dir(celeba_manifest, tmp_path_factory) -> Path:
     """Logistic regression on 10x8 pixels, trained on 800 real faces (about 82% accurate on held-out ones).
 
     The conftest's tiny GoogLeNet answers about 0.5 for every face after its few steps; this model's answers spread
@@ -134,7 +136,12 @@ def pixel_model(celeba_manifest, tmp_path_factory):
     card = {"name": "pixel_logistic", "input_size": list(size), "crop_box": None, "threshold": 0.5}
     model_dir = tmp_path_factory.mktemp("pixel_model")
     selection.export(model, str(model_dir), card)
-    return selection.load_selected(str(model_dir))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def pixel_model(pixel_model_dir):
+    return selection.load_selected(str(pixel_model_dir))
 
 
 def p_male(model_and_card, pixels: list[np.ndarray]) -> np.ndarray:
@@ -268,3 +275,36 @@ def test_options_min_size_confidence_and_max_faces(celeba_dir):
 
 def test_images_too_small_for_the_detector_have_no_face():
     assert detector().detect(np.zeros((8, 300, 3), np.uint8)) == []
+
+
+def test_evaluate_scores_each_photo_by_its_largest_face(tmp_path, celeba_dir, celeba_manifest, pixel_model_dir):
+    """``genderrec evaluate --faces detect``: composite photos and CelebA images, one truth per photo."""
+    photos = {name: layout(celeba_dir, name).data for name in ("one-face", "two-faces")}
+    photos["no-face"] = no_face_photo()
+    rows = []
+    for name, data in photos.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        rows.append({"image_uri": str(tmp_path / f"{name}.jpg"), "male": 0, "split": "test"})
+    held_out = celeba_manifest[celeba_manifest["split"] == "test"].head(8)[["image_uri", "male", "split"]]
+    frame = pd.concat([pd.DataFrame(rows), held_out], ignore_index=True)
+    manifest.write_manifest(frame, str(tmp_path / "photos.parquet"))
+
+    model, card = selection.load_selected(str(pixel_model_dir))
+    scored = {mode: evaluation.predict(model, card, frame, faces=mode) for mode in ("detect", "auto")}
+    size = tuple(card["input_size"])
+    for name, data in photos.items():
+        row = frame.index[frame["image_uri"] == str(tmp_path / f"{name}.jpg")][0]
+        (first, *_) = faces.face_crops(images.decode_image(data), detector(), faces.FaceOptions(), "auto", size)
+        assert scored["auto"].loc[row, "p_male"] == pytest.approx(p_male((model, card), [first.pixels])[0], abs=1e-6)
+        if name == "no-face":  # detect: no score, and why; auto: the whole photo
+            assert np.isnan(scored["detect"].loc[row, "p_male"]) and faces.NO_FACE in scored["detect"].loc[row, "error"]
+            assert first.source == faces.WHOLE_IMAGE
+        else:  # the largest face
+            assert scored["detect"].loc[row, "p_male"] == scored["auto"].loc[row, "p_male"]
+
+    out = tmp_path / "report"
+    argv = ["evaluate", "--model", str(pixel_model_dir), "--manifest", str(tmp_path / "photos.parquet")]
+    assert cli.main([*argv, "--out", str(out), "--faces", "detect", "--bootstrap", "200", "--no-face-images"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["faces"] == "detect"
+    assert (metrics["data"]["images"], metrics["data"]["excluded_unreadable"]) == (len(frame) - 1, 1)

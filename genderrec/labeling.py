@@ -37,6 +37,9 @@ ROWS_PER_FILE = 10_000
 # Half a CPU per decode task: reads wait on storage, so twice as many tasks as cores keep the cores busy. It also
 # keeps Ray Data from fusing decoding into the inference actors (it fuses maps with equal resources only).
 DECODE_CPUS = 0.5
+# Photos per face detection call: detection takes ~0.5 s per photo, so small batches let the model actors start on
+# the first faces while the rest are still being detected (the model's batches are gathered to --batch-size).
+DETECT_BATCH = 4
 _PIXELS = "__genderrec_pixels"
 _FACE_DEFAULTS = faces.FaceOptions()
 
@@ -410,7 +413,7 @@ def build_dataset(plan: LabelingPlan):
         dataset = dataset.map_batches(
             FaceFinder,
             batch_format="pyarrow",
-            batch_size=options.batch_size,
+            batch_size=DETECT_BATCH,
             compute=ray.data.ActorPoolStrategy(size=options.face_actors),
             fn_constructor_kwargs={"mode": options.faces, "options": options.face_options, **model_input},
             num_cpus=1,

@@ -92,31 +92,44 @@ class FaceDetector(Protocol):
 class MTCNNDetector:
     """MTCNN (PyPI ``mtcnn``: TensorFlow, weights shipped in the package, no download) on the CPU.
 
-    ``min_face_size`` sets the smallest scale of its image pyramid: smaller faces are not searched for, which makes
-    large photos much faster.
+    ``min_face_size`` sets the smallest face searched for: a larger one makes large photos much faster. mtcnn 1.0.0
+    builds its image pyramid right only for a ``min_face_size`` of at most its default, 20 px: above it, the last
+    scales shrink the photo under its 12-px window and the whole photo comes back with no face. So a larger
+    minimum is applied by shrinking the photo until such a face is 20 px, then scaling the detections back.
     """
 
     MIN_IMAGE_SIDE = 12  # MTCNN's smallest window; its pyramid is empty (and fails) below it
+    PYRAMID_MIN_FACE = 20  # the largest min_face_size mtcnn 1.0.0 handles itself
 
-    def __init__(self, min_face_size: int = 20):
+    def __init__(self, min_face_size: int = PYRAMID_MIN_FACE):
         from mtcnn import MTCNN
 
         self.min_face_size = min_face_size
         self._mtcnn = MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
+        shrink = min(1.0, self.PYRAMID_MIN_FACE / self.min_face_size)
+        if shrink < 1:
+            height, width = rgb.shape[:2]
+            size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
         if min(rgb.shape[:2]) < self.MIN_IMAGE_SIDE:
             return []
         rows = self._mtcnn.detect_faces(
-            rgb, min_face_size=self.min_face_size, box_format="xyxy", output_type="numpy"
+            rgb, min_face_size=min(self.min_face_size, self.PYRAMID_MIN_FACE), box_format="xyxy", output_type="numpy"
         )  # rows: image index, x1, y1, x2, y2, confidence, the five landmarks' x, then their y
+        rows = np.asarray(rows, dtype=np.float64)
+
+        def unshrink(coordinates: np.ndarray) -> np.ndarray:  # pixel centres: (x + 0.5) / shrink - 0.5
+            return (coordinates + 0.5) / shrink - 0.5 if shrink < 1 else coordinates
+
         return [
             Face(
-                box=tuple(float(v) for v in row[1:5]),
-                landmarks=row[6:16].reshape(2, 5).T.copy(),
+                box=tuple(float(v) for v in unshrink(row[1:5])),
+                landmarks=unshrink(row[6:16].reshape(2, 5).T.copy()),
                 confidence=float(row[5]),
             )
-            for row in np.asarray(rows, dtype=np.float64)
+            for row in rows
         ]
 
 

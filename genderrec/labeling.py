@@ -134,7 +134,9 @@ class LabelingResult:
 
     def report(self) -> str:
         labeled = (
-            self.labeled if self.images_with_faces is None else f"{self.labeled} faces in {self.images_with_faces}"
+            self.labeled
+            if self.images_with_faces is None
+            else f"{self.labeled} faces in {self.images_with_faces} images"
         )
         lines = [
             f"rows in: {self.rows_in}  already labeled (resume): {self.already_labeled}  "

@@ -232,7 +232,7 @@ def test_faces_detect_and_auto_on_composite_photos(tmp_path, capsys, ray_session
     assert (
         cli.main(["label", "--model", model_dir, "--input", str(folder), "--output", output, "--faces", "detect"]) == 0
     )
-    assert "labeled now: 6 faces in 3  errors: 2" in capsys.readouterr().out
+    assert "labeled now: 6 faces in 3 images  errors: 2" in capsys.readouterr().out
     labels = read_labels(output)
     assert list(labels.columns) == [*labeling.OUTPUT_COLUMNS, *labeling.FACE_COLUMNS]
     assert set(labels["image_uri"]) == set(uri.values())  # every image in has a row out

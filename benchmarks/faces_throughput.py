@@ -26,13 +26,12 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from label_throughput import CpuMeter, export_untrained
+from label_throughput import export_untrained, measured
 
 from genderrec import faces, images, labeling, selection
 
@@ -61,15 +60,6 @@ def random_photos(celeba_dir: Path, count: int, canvas: tuple[int, int], seed: i
     return photos
 
 
-def timed(function, *args):
-    """``(result, wall seconds, CPU seconds)`` of one call."""
-    with CpuMeter() as meter:
-        started = time.perf_counter()
-        result = function(*args)
-        wall = time.perf_counter() - started
-    return result, wall, meter.seconds
-
-
 def stage(wall_cpu: list[float]) -> dict:
     return {"wall_s": wall_cpu[0], "cpu_s": wall_cpu[1]}
 
@@ -87,9 +77,9 @@ def in_process(photos: list[bytes], model, card: dict, batch_size: int, options:
             model.predict_on_batch(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)
         ]
 
-    rgbs, *decode = timed(lambda: [images.decode_image(photo) for photo in photos])
-    found, *detect = timed(lambda: [faces.select_faces(detector.detect(rgb), options) for rgb in rgbs])
-    pixels, *align = timed(
+    rgbs, *decode = measured(lambda: [images.decode_image(photo) for photo in photos])
+    found, *detect = measured(lambda: [faces.select_faces(detector.detect(rgb), options) for rgb in rgbs])
+    pixels, *align = measured(
         lambda: np.stack(
             [
                 images.resize(faces.align(rgb, face.landmarks), size, crop_box)
@@ -98,9 +88,9 @@ def in_process(photos: list[bytes], model, card: dict, batch_size: int, options:
             ]
         )
     )
-    _, *classify_faces = timed(classify, pixels)
-    whole, *resize = timed(lambda: np.stack([images.resize(rgb, size, crop_box) for rgb in rgbs]))
-    _, *classify_photos = timed(classify, whole)
+    _, *classify_faces = measured(classify, pixels)
+    whole, *resize = measured(lambda: np.stack([images.resize(rgb, size, crop_box) for rgb in rgbs]))
+    _, *classify_photos = measured(classify, whole)
 
     detect_total = sum(part[0] for part in (decode, detect, align, classify_faces))
     only_total = sum(part[0] for part in (decode, resize, classify_photos))
@@ -131,7 +121,7 @@ def label_job(model_dir: str, uris: list[str], work: Path, name: str, mode: str,
     options = labeling.LabelingOptions(
         model_dir, str(source), str(work / name), args.batch_size, faces=mode, min_face_size=args.min_face_size
     )
-    result, wall, cpu = timed(labeling.label, options)
+    result, wall, cpu = measured(labeling.label, options)
     assert result.errors == 0, result.report()
     return {"predictions": result.labeled, "wall_s": wall, "cpu_s": cpu, "per_second": result.labeled / wall}
 

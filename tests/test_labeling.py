@@ -20,6 +20,7 @@ from PIL import Image
 from test_faces import LAYOUTS, detector, iou, layout, match, no_face_photo
 
 from genderrec import cli, faces, images, labeling, manifest, selection, storage
+from genderrec.config import read_yaml
 
 pytest_plugins = ["s3_servers"]  # the rclone_server and moto_server fixtures
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +275,15 @@ def test_faces_detect_and_auto_on_composite_photos(tmp_path, capsys, ray_session
     assert whole["face_source"] == faces.WHOLE_IMAGE and whole["face_index"] == 0 and whole["box"] is None
     (crop,) = face_inputs(model_dir, no_face_photo(), faces.FaceOptions(), "auto")
     assert whole["p_male"] == pytest.approx(p_male_of(model_dir, [crop.pixels])[0], abs=1e-5)
+
+
+def test_shipped_label_config_names_only_label_flags():
+    """configs/label.yaml is what users copy: every key must be a flag of ``genderrec label``."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "label.yaml"
+    settings = cli._flags_over_config_file(cli.build_parser().parse_args(["label", "--config", str(shipped)]))
+    options = {field.name for field in dataclasses.fields(labeling.LabelingOptions)}
+    assert {"model", "input", "output", "batch_size", "faces", "face_actors"} <= settings.keys()
+    assert set(read_yaml(shipped)) - {"model", "input", "output", "address", "s3_endpoint", "s3_region"} <= options
 
 
 def test_label_config_file_is_strict(tmp_path, capsys):

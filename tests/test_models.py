@@ -118,11 +118,17 @@ def test_saved_model_round_trip_keeps_predictions(tmp_path):
 
 
 def test_flip_average_is_the_mean_over_the_image_and_its_mirror_and_survives_saving(tmp_path):
-    model = models.build_model("googlenet", "fine_tune", SIZE)
+    # A linear model over raw pixels: unlike a random-init zoo model (p ~ 0.5 whatever the input), its mirror
+    # image's prediction differs clearly, so the test can tell averaging from passing the image through.
+    inputs = keras.Input((*SIZE, 3))
+    logit = keras.layers.Dense(1, kernel_initializer=keras.initializers.RandomNormal(stddev=1e-4, seed=0))(
+        keras.layers.Flatten()(inputs)
+    )
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid")(logit))
     batch = RNG.uniform(0, 255, (3, *SIZE, 3)).astype("float32")
     averaged = models.with_flip_average(model)
     expected = (model.predict(batch, verbose=0) + model.predict(batch[:, :, ::-1], verbose=0)) / 2
-    assert not np.allclose(model.predict(batch, verbose=0), expected, atol=1e-4)  # the mirror really differs
+    assert not np.allclose(model.predict(batch, verbose=0), expected, atol=1e-2)  # the mirror really differs
     np.testing.assert_allclose(averaged.predict(batch, verbose=0), expected, atol=1e-5)
     models.save_model(averaged, str(tmp_path / "m" / "model.keras"))
     loaded = models.load_model(str(tmp_path / "m" / "model.keras"))

@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import platform
+import tempfile
 import time
 
 import keras
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--size", type=int, nargs=2, default=[64, 52])
     parser.add_argument("--cpus", type=float, default=2)
-    parser.add_argument("--storage", default="/tmp/genderrec-bench")
+    parser.add_argument(
+        "--storage", help="Ray Train storage (default: a new temporary folder; an old run there would be resumed)"
+    )
     args = parser.parse_args()
 
     frame, _ = manifest.build_manifest(args.celeba_dir, split="identity", seed=0)
@@ -91,7 +94,8 @@ def main() -> None:
     # plain, Ray, plain: the two plain runs bracket the Ray run, so drifting load shows up as their difference
     plain_before, wall_before = timed_plain_fit()
     started = time.perf_counter()
-    summary = training.run_one(cfg, "resnet50", "fine_tune", training.run_data(frame), args.storage)
+    storage = args.storage or tempfile.mkdtemp(prefix="genderrec-train-bench-")
+    summary = training.run_one(cfg, "resnet50", "fine_tune", training.run_data(frame), storage)
     ray_wall = time.perf_counter() - started
     ray_rate = n / np.mean([row["epoch_seconds"] for row in summary["history"]][1:])
     plain_after, wall_after = timed_plain_fit()

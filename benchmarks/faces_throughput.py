@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from label_throughput import export_untrained, measured
+from label_throughput import measured, model_to_benchmark
 
 from genderrec import faces, images, labeling, selection
 
@@ -145,9 +145,7 @@ def main() -> None:
     photos = random_photos(Path(args.celeba_dir), args.photos, tuple(args.canvas), args.seed)
     with tempfile.TemporaryDirectory(prefix="genderrec-faces-bench-") as tmp:
         work = Path(tmp)
-        model_dir = args.model or str(work / "model")
-        if not args.model:
-            export_untrained(args.architecture, tuple(args.input_size), model_dir)
+        model_dir = model_to_benchmark(args, work)
         model, card = selection.load_selected(model_dir)
         results = {
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",

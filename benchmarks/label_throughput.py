@@ -37,6 +37,15 @@ import pyarrow.parquet as pq
 from genderrec import images, labeling, manifest, selection, storage
 
 
+def model_to_benchmark(args, work: Path) -> str:
+    """``--model``, or an untrained ``--architecture`` exported under ``work``: speed does not depend on the weights."""
+    if args.model:
+        return args.model
+    model_dir = str(work / "model")
+    export_untrained(args.architecture, tuple(args.input_size), model_dir)
+    return model_dir
+
+
 def export_untrained(architecture: str, input_size: tuple[int, int], model_dir: str) -> None:
     from genderrec import models
 
@@ -174,9 +183,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="genderrec-bench-") as tmp:
         work = Path(tmp)
-        model_dir = args.model or str(work / "model")
-        if not args.model:
-            export_untrained(args.architecture, tuple(args.input_size), model_dir)
+        model_dir = model_to_benchmark(args, work)
         model, card = selection.load_selected(model_dir)
         pixels, decode_wall, decode_cpu = measured(decode_all, card, [Path(uri).read_bytes() for uri in uris])
         ceiling_before = ceiling(model, pixels, args.batch_size)

@@ -114,17 +114,7 @@ def model_card(cfg: Config, row: dict) -> dict:
         "flip_average": cfg.models.flip_average,
         "metrics": {
             key: row[key]
-            for key in (
-                "test_accuracy",
-                "test_accuracy_low",
-                "test_accuracy_high",
-                "test_auc",
-                "test_auc_low",
-                "test_auc_high",
-                "test_images",
-                "best_val_accuracy",
-                "inference_ms_per_1000",
-            )
+            for key in (*reports.TEST_METRIC_COLUMNS, "test_images", "best_val_accuracy", "inference_ms_per_1000")
             if key in row
         },
         "split": cfg.data.split,

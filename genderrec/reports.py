@@ -18,6 +18,15 @@ import pandas as pd
 
 from genderrec import storage
 
+# Test-split metrics with their bootstrap intervals: shown on the leaderboard and copied into the model card.
+TEST_METRIC_COLUMNS = (
+    "test_accuracy",
+    "test_accuracy_low",
+    "test_accuracy_high",
+    "test_auc",
+    "test_auc_low",
+    "test_auc_high",
+)
 LEADERBOARD_COLUMNS = (
     "rank",
     "architecture",
@@ -28,12 +37,7 @@ LEADERBOARD_COLUMNS = (
     "epochs_run",
     "best_epoch",
     "best_val_accuracy",
-    "test_accuracy",
-    "test_accuracy_low",
-    "test_accuracy_high",
-    "test_auc",
-    "test_auc_low",
-    "test_auc_high",
+    *TEST_METRIC_COLUMNS,
     "p_vs_selected",
     "train_minutes",
     "inference_ms_per_1000",

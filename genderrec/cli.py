@@ -140,9 +140,9 @@ def cmd_serve(args) -> int:
         s3_region=args.s3_region,
     )
     init_ray(args.address)
-    url = serving.start(settings)
-    print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops it")
-    try:
+    try:  # Ctrl-C while the app is still starting also shuts it down, rather than leaving it half deployed
+        url = serving.start(settings)
+        print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops it")
         while True:
             time.sleep(60)
     except KeyboardInterrupt:

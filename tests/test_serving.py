@@ -89,10 +89,19 @@ def base_url(ray_session, served_model, tmp_path_factory):
         try:
             code = process.wait(timeout=120)
         except subprocess.TimeoutExpired:
+            code = f"killed after 120 s; its threads were:\n{_stacks(process.pid)}"
             process.kill()
-            code = "killed after 120 s"
         serve.shutdown()  # a no-op when Ctrl-C already shut Serve down
     assert code == 0, f"genderrec serve did not stop cleanly on Ctrl-C ({code}); log: {log}"
+
+
+def _stacks(pid: int) -> str:
+    """The Python and native stacks of a hung process (py-spy comes with ray[default]), to say where it hangs."""
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        return "(py-spy not installed)"
+    dump = subprocess.run([py_spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return dump.stdout + dump.stderr
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:

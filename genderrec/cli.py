@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-import time
+import threading
 
 from genderrec import faces, storage
 from genderrec.config import ConfigError, load_config, read_yaml
@@ -142,12 +143,27 @@ def cmd_serve(args) -> int:
     init_ray(args.address)
     try:  # Ctrl-C while the app is still starting also shuts it down, rather than leaving it half deployed
         url = serving.start(settings)
-        print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C stops it")
-        while True:
-            time.sleep(60)
+        print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C or SIGTERM stops it")
+        wait_for_stop_signal()
     except KeyboardInterrupt:
-        serve.shutdown()
+        pass
+    serve.shutdown()
     return 0
+
+
+def wait_for_stop_signal() -> None:
+    """Return on SIGINT (Ctrl-C) or SIGTERM.
+
+    The handlers are installed and both signals unblocked only now, after Ray and Serve have started: processes that
+    Ray starts run with SIGINT blocked (ray/_private/services.py), and children inherit that mask. The wait wakes
+    every second, so a signal taken by one of Ray's threads is still acted on within a second.
+    """
+    received = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: received.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    while not received.wait(1):
+        pass
 
 
 def cmd_evaluate(args) -> int:

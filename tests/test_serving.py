@@ -96,12 +96,13 @@ def base_url(ray_session, served_model, tmp_path_factory):
 
 
 def _stacks(pid: int) -> str:
-    """The Python and native stacks of a hung process (py-spy comes with ray[default]), to say where it hangs."""
+    """A hung process's signal masks and its Python and native stacks (py-spy comes with ray[default])."""
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         return "(py-spy not installed)"
     dump = subprocess.run([py_spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
-    return dump.stdout + dump.stderr
+    signal_state = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Sig")]
+    return "\n".join(signal_state) + "\n" + dump.stdout + dump.stderr
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:

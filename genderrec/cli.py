@@ -140,8 +140,10 @@ def cmd_serve(args) -> int:
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
+    # Ctrl-C or SIGTERM while the app is still starting also shuts it down, rather than leaving it half deployed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     init_ray(args.address)
-    try:  # Ctrl-C while the app is still starting also shuts it down, rather than leaving it half deployed
+    try:
         url = serving.start(settings)
         print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C or SIGTERM stops it")
         wait_for_stop_signal()

@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import sys
-import threading
+import time
 
 from genderrec import faces, storage
 from genderrec.config import ConfigError, load_config, read_yaml
@@ -140,32 +140,29 @@ def cmd_serve(args) -> int:
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
-    # Ctrl-C or SIGTERM while the app is still starting also shuts it down, rather than leaving it half deployed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    stop_on_ctrl_c_or_sigterm()  # while the app starts too, so that it is shut down rather than left half deployed
     init_ray(args.address)
     try:
         url = serving.start(settings)
         print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C or SIGTERM stops it")
-        wait_for_stop_signal()
+        stop_on_ctrl_c_or_sigterm()
+        while True:
+            time.sleep(1)
     except KeyboardInterrupt:
-        pass
-    serve.shutdown()
+        serve.shutdown()
     return 0
 
 
-def wait_for_stop_signal() -> None:
-    """Return on SIGINT (Ctrl-C) or SIGTERM.
+def stop_on_ctrl_c_or_sigterm() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, and unblock both.
 
-    The handlers are installed and both signals unblocked only now, after Ray and Serve have started: processes that
-    Ray starts run with SIGINT blocked (ray/_private/services.py), and children inherit that mask. The wait wakes
-    every second, so a signal taken by one of Ray's threads is still acted on within a second.
+    Called again once Ray and Serve run, so that nothing they set up in between decides it: processes that Ray starts
+    have SIGINT blocked (ray/_private/services.py) and pass that mask on. The caller sleeps in 1-second steps, so a
+    signal delivered to one of Ray's threads still interrupts the main thread within a second.
     """
-    received = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: received.set())
+        signal.signal(signum, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    while not received.wait(1):
-        pass
 
 
 def cmd_evaluate(args) -> int:

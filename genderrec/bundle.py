@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genderrec import images, metrics, storage
+from genderrec import engines, images, metrics, storage
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
@@ -67,6 +67,8 @@ class ModelCard(BaseModel):
     created: str | None = None
     selection: str | None = None
     run: str | None = None
+    # Checked exports beside model.keras, by format: files, check images and largest |Δp| (genderrec export).
+    exports: dict[str, dict[str, Any]] = {}
 
     @property
     def version(self) -> str:
@@ -108,21 +110,46 @@ def write_card(model_dir: str, card: ModelCard) -> None:
 
 @dataclass
 class ModelBundle:
-    """A Keras model with its card; ``predict_proba`` gives calibrated p(male), ``label`` the class name."""
+    """A model with its card; ``predict_proba`` gives calibrated p(male), ``label`` the class name.
+
+    ``model`` is the Keras model (``None`` when loaded for an exported engine only); ``engine`` runs it
+    (TensorFlow on the Keras model unless :meth:`load` chose another).
+    """
 
     model: Any  # keras.Model: RGB 0..255 in, raw p(male) out
     card: ModelCard
+    engine: engines.Engine | None = None
+
+    def __post_init__(self):
+        if self.engine is None:
+            self.engine = engines.TensorflowEngine(self.model)
 
     @classmethod
-    def load(cls, model_dir: str) -> ModelBundle:
-        """Load a model directory (local or ``s3://``); the card is checked before the model is read."""
+    def load(
+        cls, model_dir: str, engine: engines.EngineName = "tensorflow", precision: engines.Precision = "bf16"
+    ) -> ModelBundle:
+        """Load a model directory (local or ``s3://``) for ``engine``; the card is checked before the model is read.
+
+        Inside a Ray actor or replica, ``auto`` and the OpenVINO threads follow the resources Ray assigned to it.
+        """
         from genderrec import models
 
         card = read_card(model_dir)
+        engines.check_available(engine, card.exports, model_dir)
+        cpus, has_gpu = engines.ray_cpus_and_gpu()
+        if engines.resolve(engine, card.exports, has_gpu) == "openvino":
+            return cls(None, card, engines.OpenvinoEngine(model_dir, threads=cpus, precision=precision))
         model_uri = storage.join(model_dir, MODEL_FILE)
         if not storage.exists(model_uri):
             raise BundleError(f"{model_dir}: no {MODEL_FILE}")
         return cls(models.load_model(model_uri), card)
+
+    def export(self, model_dir: str, fmt: engines.ExportFormat, sample: np.ndarray) -> ModelBundle:
+        """Write and check ``fmt`` beside the model in ``model_dir`` and record it in the card there."""
+        record = engines.export(self.model, model_dir, fmt, np.asarray(sample, dtype=np.float32))
+        self.card = self.card.model_copy(update={"exports": {**self.card.exports, fmt: record}})
+        write_card(model_dir, self.card)
+        return self
 
     def save(self, model_dir: str) -> None:
         """Write ``model.keras`` (no optimizer state) and ``card.json``."""
@@ -131,27 +158,30 @@ class ModelBundle:
         models.save_model(self.model, storage.join(model_dir, MODEL_FILE))
         write_card(model_dir, self.card)
 
+    def check_inputs(self, uris=(), count: int = 16, seed: int = 0) -> np.ndarray:
+        """Inputs to check an export on: the given images decoded for this model, else seeded noise of its size."""
+        uris = list(uris)[:count]
+        if uris:
+            return np.stack([self.load_pixels(storage.read_bytes(uri)) for uri in uris])
+        return np.random.default_rng(seed).uniform(0, 255, (count, *self.card.input_size, 3)).astype(np.float32)
+
     def load_pixels(self, data: bytes, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Image bytes → this model's input, decoded exactly as in training (input size and crop box)."""
         return images.load_image(data, self.card.input_size, self.card.crop_box, max_pixels=max_pixels)
 
-    def raw_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def raw_proba(self, pixels: np.ndarray) -> np.ndarray:
         """The model's own p(male) for a batch of inputs, before calibration."""
         if len(pixels) == 0:
             return np.zeros(0)
-        if len(pixels) <= batch_size:
-            outputs = self.model.predict_on_batch(np.asarray(pixels, dtype=np.float32))
-        else:
-            outputs = self.model.predict(np.asarray(pixels, dtype=np.float32), batch_size=batch_size, verbose=0)
-        return np.asarray(outputs, dtype=np.float64).reshape(len(pixels))
+        return self.engine.predict(pixels)
 
     def calibrate(self, raw_p_male) -> np.ndarray:
         """The card's temperature applied to raw p(male) (identity without one)."""
         return metrics.apply_temperature(raw_p_male, self.card.temperature)
 
-    def predict_proba(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
         """Calibrated p(male) for a batch of model inputs (``(n, height, width, 3)``, RGB 0..255)."""
-        return self.calibrate(self.raw_proba(pixels, batch_size))
+        return self.calibrate(self.raw_proba(pixels))
 
     def label(self, p_male) -> np.ndarray | str:
         """Class names at the card's threshold: ``male`` where p_male >= threshold."""

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from genderrec import faces, storage
+from genderrec import engines, faces, storage
 from genderrec.config import ConfigError, load_config, read_yaml
 
 
@@ -119,6 +119,25 @@ def cmd_label(args) -> int:
     plan = labeling.prepare(options)
     init_ray(settings.get("address"))
     print(labeling.run(plan).report())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from genderrec import manifest
+    from genderrec.bundle import ModelBundle
+
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    bundle = ModelBundle.load(args.model)
+    uris = manifest.read_manifest(args.manifest)["image_uri"].head(args.check_images) if args.manifest else ()
+    sample = bundle.check_inputs(uris, args.check_images)
+    source = f"{len(sample)} images of {args.manifest}" if args.manifest else f"{len(sample)} random inputs"
+    for fmt in args.format:
+        record = bundle.export(args.model, fmt, sample).card.exports[fmt]
+        print(
+            f"{args.model}: {fmt} written ({', '.join(record['files'])}); checked against Keras on {source}: "
+            f"largest |dp| {record['max_abs_dp']:.2g}"
+            + (f" (bf16: {record['max_abs_dp_bf16']:.2g})" if "max_abs_dp_bf16" in record else "")
+        )
     return 0
 
 
@@ -276,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(serve_)
     serve_.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser(
+        "export", help="write a model directory's model in another format beside model.keras, checked against it"
+    )
+    export.add_argument("--model", required=True, help="model directory (model.keras + card.json), local or s3://")
+    export.add_argument(
+        "--format", required=True, action="append", choices=list(engines.EXPORT_FILES), help="repeat for several"
+    )
+    export.add_argument("--manifest", help="check on this manifest's first images (default: seeded random inputs)")
+    export.add_argument("--check-images", type=int, default=16, help="images the export is checked on (default 16)")
+    _storage_flags(export)
+    export.set_defaults(func=cmd_export)
 
     evaluate = commands.add_parser(
         "evaluate", help="metrics with intervals, per-group accuracy, calibration and an HTML report"

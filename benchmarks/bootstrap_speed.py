@@ -1,4 +1,4 @@
-"""Bootstrap intervals: the weights-matrix engine of ``genderrec.evaluation`` vs a per-replicate scikit-learn loop.
+"""Bootstrap intervals: the weights-matrix engine of ``genderrec.metrics`` vs a per-replicate scikit-learn loop.
 
 Both compute the same eight metrics (accuracy, balanced accuracy, both error rates, ROC-AUC, PR-AUC, log-loss,
 Brier) on the same replicates, so the intervals agree; only the time differs.
@@ -14,14 +14,14 @@ import time
 import numpy as np
 from sklearn import metrics as sk
 
-from genderrec import evaluation
+from genderrec import metrics
 
 
 def engine(truth, p_male, bootstrap):
     def statistic(weights):
         return {
-            **evaluation.decision_metrics(truth, p_male, 0.5, weights),
-            **evaluation.score_metrics(truth, p_male, weights),
+            **metrics.decision_metrics(truth, p_male, 0.5, weights),
+            **metrics.score_metrics(truth, p_male, weights),
         }
 
     return bootstrap.replicate(statistic, np.arange(len(truth)))
@@ -56,7 +56,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, args.images)
     p_male = np.clip(rng.normal(0.35 + 0.3 * truth, 0.25), 0.001, 0.999)
-    bootstrap = evaluation.Bootstrap(replicates=args.replicates, seed=0)
+    bootstrap = metrics.Bootstrap(replicates=args.replicates, seed=0)
 
     timings = {}
     for name, method in (("engine", engine), ("scikit-learn loop", loop)):

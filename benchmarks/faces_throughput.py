@@ -36,8 +36,8 @@ from label_throughput import measured, model_to_benchmark
 from genderrec import faces, images, labeling, selection
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from test_faces import compose  # noqa: E402 (the tests' composite photos)
+sys.path.insert(0, str(REPO))  # for tests.helpers, shared with the tests
+from tests.helpers.photos import compose  # noqa: E402 (the tests' composite photos)
 
 
 def random_photos(celeba_dir: Path, count: int, canvas: tuple[int, int], seed: int) -> list[bytes]:

@@ -16,8 +16,8 @@ import asyncio
 import itertools
 import os
 import platform
-import socket
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +27,11 @@ import numpy as np
 
 from genderrec import images, selection, serving
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers, shared with the tests
+from tests.helpers.net import free_port  # noqa: E402
+
 CONCURRENCIES = (1, 8, 32)
 HOST = "127.0.0.1"  # loopback only
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def time_model(model, card: dict, blobs: list[bytes], batch_sizes, repeats: int) -> dict[int, dict[str, float]]:

@@ -185,15 +185,19 @@ def stop_on_ctrl_c_or_sigterm() -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from genderrec import evaluation
+    from genderrec import evaluation, reports
 
     storage.configure_s3(args.s3_endpoint, args.s3_region)
+    if args.calibrate:
+        raise ValueError(
+            "--calibrate is gone: evaluate never writes model files. Fit the temperature with "
+            "`genderrec calibrate --model DIR --manifest M` (it writes the card), then evaluate"
+        )
     if args.model and not args.manifest:
         raise ValueError("--model needs --manifest (a labeled Parquet manifest with image_uri, male and split)")
     options = evaluation.EvaluationOptions(
         split=args.split,
         group_by=tuple(args.group_by or ()),
-        calibrate=args.calibrate,
         threshold_metric=args.threshold_metric,
         replicates=args.bootstrap,
         seed=args.seed,
@@ -208,7 +212,10 @@ def cmd_evaluate(args) -> int:
     manifest = storage.absolute(args.manifest) if args.manifest else None
     out = storage.absolute(args.out)
     if args.runs:
-        comparison = evaluation.evaluate_runs(storage.absolute(args.runs), manifest, out, options)
+        comparison, results = evaluation.evaluate_runs(storage.absolute(args.runs), manifest, options)
+        for name, (metrics, rows) in results.items():
+            reports.write_model_report(metrics, rows, storage.join(out, "models", name), options.face_images)
+        reports.write_comparison_report(comparison, out)
         for model in comparison["models"]:
             accuracy = model["accuracy"]
             versus = model.get("vs_best")
@@ -217,7 +224,8 @@ def cmd_evaluate(args) -> int:
                 f"{model['name']:<24} accuracy {accuracy['value']:.4f} [{accuracy['low']:.4f}, {accuracy['high']:.4f}] {verdict}"
             )
     else:
-        metrics = evaluation.evaluate_model(storage.absolute(args.model), manifest, out, options)
+        metrics, rows = evaluation.evaluate_model(storage.absolute(args.model), manifest, options)
+        reports.write_model_report(metrics, rows, out, options.face_images)
         for name, point in metrics["at_threshold"].items():
             accuracy = point["accuracy"]
             print(
@@ -225,6 +233,24 @@ def cmd_evaluate(args) -> int:
                 f"[{accuracy['low']:.4f}, {accuracy['high']:.4f}] on {metrics['data']['images']} images"
             )
     print(f"report: {storage.join(out, 'report.html')}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """The one command that writes a temperature into a model card."""
+    from genderrec import evaluation, manifest
+    from genderrec.bundle import ModelBundle, write_card
+
+    storage.configure_s3(args.s3_endpoint, args.s3_region)
+    model_dir, manifest_uri = storage.absolute(args.model), storage.absolute(args.manifest)
+    model = ModelBundle.load(model_dir)
+    card = evaluation.calibrate(model, manifest.read_manifest(manifest_uri), manifest_uri, args.batch_size)
+    write_card(model_dir, card)
+    fit = card.calibration
+    print(
+        f"temperature {card.temperature:.4f} fitted on {fit.fitted_on}: val log-loss {fit.val_log_loss_before:.4f} "
+        f"-> {fit.val_log_loss_after:.4f}; written to {storage.join(model_dir, 'card.json')}"
+    )
     return 0
 
 
@@ -321,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by", action="append", metavar="COLUMN", help="also report per value of this categorical column"
     )
     evaluate.add_argument(
-        "--calibrate", action="store_true", help="fit temperature scaling on the val split and save it in the card"
+        "--calibrate", action="store_true", help="removed (evaluate never writes model files): use genderrec calibrate"
     )
     evaluate.add_argument(
         "--threshold-metric",
@@ -341,6 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     _face_flags(evaluate)  # detect/auto: each image is scored by its largest face
     _storage_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit temperature scaling on a manifest's val split and write it into the model card",
+        description="The only command that changes a model directory after train-all: it writes `temperature` and "
+        "`calibration` into card.json (labeling, serving and evaluate apply it). Fitted on the model's raw outputs, "
+        "so calibrating again replaces the temperature rather than compounding it.",
+    )
+    calibrate.add_argument("--model", required=True, help="model directory (model.keras + card.json), local or s3://")
+    calibrate.add_argument("--manifest", required=True, help="labeled Parquet manifest with a val split")
+    calibrate.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default 64)")
+    _storage_flags(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 
@@ -349,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError) as exc:  # BundleError is a ValueError
         print(f"genderrec {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ Run directory layout (local or ``s3://``)::
     <storage_path>/<name>/trainer/<arch>_<mode>/   Ray Train runs (checkpoints)
     <storage_path>/<name>/models/<arch>_<mode>/    best model per run: model.keras, card.json, history.csv
     <storage_path>/<name>/leaderboard.{parquet,md} and figures/*.png
+    <storage_path>/<name>/comparison/              the runs compared on test (as `genderrec evaluate --runs`)
     <storage_path>/<name>/selected/                the model labeling and serving load
 """
 
@@ -17,10 +18,21 @@ import logging
 import numpy as np
 import pandas as pd
 
-from genderrec import evaluation, manifest, reports, selection, storage, training
+from genderrec import evaluation, manifest, metrics, reports, selection, storage, training
+from genderrec.bundle import ModelBundle, ModelCard, read_card, write_card
 from genderrec.config import Config, parse_config
 
 log = logging.getLogger(__name__)
+
+# What a model card keeps of its leaderboard row.
+CARD_METRICS = (
+    *reports.TEST_METRIC_COLUMNS,
+    "test_images",
+    "val_accuracy",
+    "val_auc",
+    "best_val_accuracy",
+    "inference_ms_per_1000",
+)
 
 
 def prepare_manifest(cfg: Config, run_dir: str) -> tuple[pd.DataFrame, str]:
@@ -44,10 +56,10 @@ def prepare_manifest(cfg: Config, run_dir: str) -> tuple[pd.DataFrame, str]:
 
 
 def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json: dict, run_dir: str) -> dict:
-    """Test metrics with intervals and inference time of one run's best checkpoint; exports it as a model
-    directory with its ``metrics.json`` (the full evaluation). ``test_p_male`` carries the predictions."""
+    """Validation and test metrics (with intervals) and inference time of one run's best checkpoint; exports it as
+    a model directory with its ``metrics.json`` (the full evaluation). ``test_p_male`` carries the predictions."""
 
-    from genderrec import images, models
+    from genderrec import models
 
     cfg = parse_config(cfg_json)
     training.configure_threads(cfg.resources.cpus_per_run)
@@ -68,11 +80,11 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
         "train_minutes": summary["train_seconds"] / 60,
         "model_uri": storage.join(run_dir, "models", name),
     }
-    card = model_card(cfg, row)
-    test = test.join(evaluation.predict(model, card, test, cfg.training.batch_size))
-    val = val.join(evaluation.predict(model, card, val, cfg.training.batch_size)) if len(val) else None
-    metrics = evaluation.evaluate_predictions(test, val, evaluation.EvaluationOptions(seed=cfg.data.seed))
-    accuracy, auc = metrics["at_threshold"]["fixed"]["accuracy"], metrics["metrics"]["roc_auc"]
+    bundle = ModelBundle(model, model_card(cfg, row))
+    test = test.join(evaluation.predict(bundle, test, cfg.training.batch_size))
+    val = val.join(evaluation.predict(bundle, val, cfg.training.batch_size)) if len(val) else None
+    result = evaluation.evaluate_predictions(test, val, evaluation.EvaluationOptions(seed=cfg.data.seed))
+    accuracy, auc = result["at_threshold"]["fixed"]["accuracy"], result["metrics"]["roc_auc"]
     row.update(
         test_accuracy=accuracy["value"],
         test_accuracy_low=accuracy["low"],
@@ -80,58 +92,41 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
         test_auc=auc["value"],
         test_auc_low=auc["low"],
         test_auc_high=auc["high"],
-        test_images=metrics["data"]["images"],
+        test_images=result["data"]["images"],
     )
+    scored = val[val["p_male"].notna()] if val is not None else None
+    if scored is not None and len(scored):  # at 0.5, like the test columns: what selection.metric val_* compares
+        on_val = metrics.binary_metrics(scored["male"].astype(int), scored["p_male"])
+        row.update(val_accuracy=on_val["accuracy"], val_auc=on_val["auc"])
     first = test["image_uri"].iloc[: cfg.training.batch_size]
-    batch = np.stack(
-        [images.load_image(storage.read_bytes(uri), cfg.data.image_size, cfg.data.crop_box) for uri in first]
-    )
-    row["inference_ms_per_1000"] = evaluation.inference_ms_per_1000(model, batch, cfg.training.inference_timing_images)
+    batch = np.stack([bundle.load_pixels(storage.read_bytes(uri)) for uri in first])
+    row["inference_ms_per_1000"] = evaluation.inference_ms_per_1000(bundle, batch, cfg.training.inference_timing_images)
 
     model_dir = row["model_uri"]
-    selection.export(model, model_dir, model_card(cfg, row))
+    ModelBundle(model, model_card(cfg, row)).save(model_dir)
     storage.write_text(storage.join(model_dir, "history.csv"), pd.DataFrame(summary["history"]).to_csv(index=False))
-    metrics["model"] = {"dir": model_dir, "name": name, "architecture": row["architecture"], "mode": row["mode"]}
-    reports.write_json(storage.join(model_dir, "metrics.json"), metrics)
+    result["model"] = {"dir": model_dir, "name": name, "architecture": row["architecture"], "mode": row["mode"]}
+    reports.write_json(storage.join(model_dir, "metrics.json"), result)
     return {**row, "test_p_male": test["p_male"].tolist()}
 
 
-def model_card(cfg: Config, row: dict) -> dict:
+def model_card(cfg: Config, row: dict) -> ModelCard:
     """What labeling and serving need to use a model, and what a reader needs to trust it."""
     from genderrec import models
 
-    return {
-        "name": f"{row['architecture']}_{row['mode']}",
-        "architecture": row["architecture"],
-        "mode": row["mode"],
-        "input_size": list(cfg.data.image_size),
-        "crop_box": list(cfg.data.crop_box) if cfg.data.crop_box else None,
-        "input": "RGB, 0..255, resized to input_size (after crop_box, if any)",
-        "preprocessing": models.architecture(row["architecture"]).preprocessing_name + " (inside the model)",
-        "class_names": list(selection.CLASS_NAMES),
-        "threshold": 0.5,
-        "weights": row["weights"],
-        "flip_average": cfg.models.flip_average,
-        "metrics": {
-            key: row[key]
-            for key in (*reports.TEST_METRIC_COLUMNS, "test_images", "best_val_accuracy", "inference_ms_per_1000")
-            if key in row
-        },
-        "split": cfg.data.split,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def selection_p_values(cfg: Config, test: pd.DataFrame, predictions: pd.DataFrame):
-    """Pairwise p-values of the runs for the selection metric, and the test's name (``None`` for a val metric)."""
-    bootstrap = evaluation.Bootstrap(seed=cfg.data.seed)
-    if cfg.selection.metric == "test_accuracy":
-        p_values = evaluation.pairwise_p_values(test, predictions, "accuracy", bootstrap)
-        return p_values, f"McNemar exact test on {len(test)} paired test images"
-    if cfg.selection.metric == "test_auc":
-        p_values = evaluation.pairwise_p_values(test, predictions, "auc", bootstrap)
-        return p_values, f"paired bootstrap of the AUC difference on {len(test)} test images"
-    return None, ""
+    return ModelCard(
+        name=f"{row['architecture']}_{row['mode']}",
+        architecture=row["architecture"],
+        mode=row["mode"],
+        input_size=tuple(cfg.data.image_size),
+        crop_box=tuple(cfg.data.crop_box) if cfg.data.crop_box else None,
+        preprocessing=models.architecture(row["architecture"]).preprocessing_name + " (inside the model)",
+        weights=row["weights"],
+        flip_average=cfg.models.flip_average,
+        metrics={key: row[key] for key in CARD_METRICS if key in row},
+        split=cfg.data.split,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def train_all(cfg: Config) -> str:
@@ -150,29 +145,32 @@ def train_all(cfg: Config) -> str:
     cfg_json = cfg.model_dump(mode="json")
     # One at a time, so that every model's inference time is measured on an otherwise idle worker.
     rows = [ray.get(remote.remote(summary, test, val, cfg_json, run_dir)) for summary in summaries]
-    predictions = pd.DataFrame(
-        {f"{row['architecture']}/{row['mode']}": row.pop("test_p_male") for row in rows}, index=test.index
-    )
-
-    board = pd.DataFrame(rows).sort_values(["test_accuracy", "test_auc"], ascending=False).reset_index(drop=True)
+    predictions = pd.DataFrame({selection.model_name(row): row.pop("test_p_male") for row in rows}, index=test.index)
+    board = pd.DataFrame(rows).sort_values([cfg.selection.metric, "test_accuracy"], ascending=False)
+    board = board.reset_index(drop=True)
     board.insert(0, "rank", np.arange(1, len(board) + 1))
-    p_values, test_name = selection_p_values(cfg, test, predictions)
-    chosen, reason = selection.select(board, cfg.selection, p_values, test_name)
-    board["selected"] = (board["architecture"] == chosen["architecture"]) & (board["mode"] == chosen["mode"])
-    if p_values is not None:
-        chosen_name = selection.run_name(chosen)
-        board["p_vs_selected"] = [
-            np.nan if selection.run_name(row) == chosen_name else p_values.loc[chosen_name, selection.run_name(row)]
-            for _, row in board.iterrows()
-        ]
+    # The runs compared on the test split exactly as `genderrec evaluate --runs` compares them.
+    runs = {selection.model_name(row): {"architecture": row["architecture"], "mode": row["mode"]} for row in rows}
+    compared = evaluation.compare_models(test, predictions, runs, evaluation.EvaluationOptions(seed=cfg.data.seed))
+    chosen, reason = selection.select(board, cfg.selection, compared)
+    chosen_name = selection.model_name(chosen)
+    compared.update(run=run_dir, manifest=manifest_uri, selected=chosen_name)
+    for entry in compared["models"]:
+        entry["selected"] = entry["name"] == chosen_name
+    board["selected"] = [selection.model_name(row) == chosen_name for _, row in board.iterrows()]
+    p_holm = {entry["name"]: entry["vs_best"]["p_holm"] for entry in compared["models"] if "vs_best" in entry}
+    board["p_vs_best_holm"] = [p_holm.get(selection.model_name(row), np.nan) for _, row in board.iterrows()]
     storage.write_bytes(storage.join(run_dir, "leaderboard.parquet"), board.to_parquet(index=False))
+    reports.write_comparison_report(compared, storage.join(run_dir, "comparison"))
     title = f"Leaderboard: {cfg.run.name} ({len(test)} test images, split={cfg.data.split})"
     markdown = (
         reports.leaderboard_markdown(board, title)
         + f"\nSelected: **{chosen['architecture']}/{chosen['mode']}** — {reason}.\n"
-        + "\n`test_accuracy_low`/`_high`, `test_auc_low`/`_high`: 95 % percentile-bootstrap interval (identities "
-        + "resampled when the manifest has them); each run's full evaluation is `models/<run>/metrics.json`."
-        + (f" `p_vs_selected`: {test_name} against the selected run.\n" if p_values is not None else "\n")
+        + f"\nRanked by `{cfg.selection.metric}` (the selection metric). `test_accuracy_low`/`_high`, "
+        + "`test_auc_low`/`_high`: 95 % percentile-bootstrap interval (identities resampled when the manifest has "
+        + f"them). `p_vs_best_holm`: McNemar's exact test at 0.5 against the best run on test ({compared['best']}), "
+        + "Holm-adjusted over the runs, as `genderrec evaluate --runs` computes it (`comparison/report.html`). "
+        + "Each run's full evaluation is `models/<run>/metrics.json`.\n"
     )
     storage.write_text(storage.join(run_dir, "leaderboard.md"), markdown)
     histories = {f"{s['architecture']}_{s['mode']}": s["history"] for s in summaries}
@@ -180,7 +178,7 @@ def train_all(cfg: Config) -> str:
 
     selected_dir = storage.join(run_dir, "selected")
     storage.copy(chosen["model_uri"], selected_dir)
-    card = selection.read_card(chosen["model_uri"])
-    selection.write_card(selected_dir, {**card, "selection": reason, "run": run_dir})
+    card = read_card(chosen["model_uri"])
+    write_card(selected_dir, card.model_copy(update={"selection": reason, "run": run_dir}))
     log.info("selected %s/%s: %s", chosen["architecture"], chosen["mode"], reason)
     return run_dir

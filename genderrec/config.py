@@ -150,9 +150,10 @@ class ResourcesConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """How train_all picks the model that labeling and serving load."""
+    """How train_all picks the model that labeling and serving load: on the validation split unless told otherwise
+    (a test metric is allowed, and the selection reason then says the test metrics are optimistic)."""
 
-    metric: Literal["test_accuracy", "test_auc", "best_val_accuracy"] = "test_accuracy"
+    metric: Literal["val_accuracy", "val_auc", "best_val_accuracy", "test_accuracy", "test_auc"] = "val_accuracy"
     tolerance: float = Field(default=0.005, ge=0)
     pin: str | None = None
 

@@ -37,8 +37,10 @@ LEADERBOARD_COLUMNS = (
     "epochs_run",
     "best_epoch",
     "best_val_accuracy",
+    "val_accuracy",
+    "val_auc",
     *TEST_METRIC_COLUMNS,
-    "p_vs_selected",
+    "p_vs_best_holm",
     "train_minutes",
     "inference_ms_per_1000",
     "selected",
@@ -200,7 +202,7 @@ def reliability_figure(metrics: dict):
     figure, (axis, counts) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     curves = [("as evaluated", calibration["reliability"], "o-")]
     if calibration.get("before"):
-        curves.insert(0, ("before temperature scaling", calibration["before"]["reliability"], "x--"))
+        curves.insert(0, ("without the temperature", calibration["before"]["reliability"], "x--"))
     for label, table, style in curves:
         used = [row for row in table if row["count"]]
         axis.plot([row["mean_p_male"] for row in used], [row["share_male"] for row in used], style, label=label)
@@ -446,21 +448,22 @@ def model_html(metrics: dict, pngs: dict[str, bytes]) -> str:
 def _calibration_html(metrics: dict) -> str:
     calibration = metrics["calibration"]
     temperature = calibration.get("temperature")
-    if calibration.get("fitted_now"):
+    if calibration.get("before"):
         before = calibration["before"]
         rows = [
             [METRIC_LABELS[key], _num(_fmt(before[key])), _num(_interval_html(metrics["metrics"][key]))]
             for key in ("log_loss", "brier", "ece")
         ]
+        fitted = f" fitted on {html.escape(calibration['fitted_on'])}" if calibration.get("fitted_on") else ""
         return (
-            f'<p class="note">Temperature scaling fitted on {html.escape(calibration["fitted_on"])}: temperature '
-            f"{temperature:.3f}, written to the model card (labeling and serving apply it). Decisions at 0.5 do not "
-            "change; probabilities do. On the evaluated split:</p>"
-            + _table(["metric", "before", "after [95 % interval]"], rows)
+            f'<p class="note">The model card\'s temperature {temperature:.3f}{fitted} is applied to every prediction '
+            "(as in labeling and serving). Decisions at 0.5 do not change; probabilities do. On the evaluated "
+            "split:</p>" + _table(["metric", "without it", "with it [95 % interval]"], rows)
         )
-    if temperature:
-        return f'<p class="note">The model card\'s temperature {temperature:.3f} is applied to every prediction.</p>'
-    return '<p class="note">No temperature in the model card (run with <code>--calibrate</code> to fit one).</p>'
+    return (
+        '<p class="note">No temperature in the model card (<code>genderrec calibrate --model DIR --manifest M</code> '
+        "fits one on the val split).</p>"
+    )
 
 
 def _groups_html(groups: dict) -> str:

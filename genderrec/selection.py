@@ -1,7 +1,9 @@
-"""Leaderboard → the selected model; model cards; loading a model by path or URI.
+"""Leaderboard → the selected run, and the reason in words (what labeling and serving then load).
 
-A model directory (local or ``s3://``) holds ``model.keras`` and ``card.json``; labeling and serving
-load any such directory, usually ``<run>/selected``.
+The run is chosen on ``selection.metric``, a validation-split metric by default: choosing on the test split and then
+reporting the test split overstates the winner, so a test metric stays possible but the reason says so. The reason
+also says what the comparison of the runs on the test split (:func:`genderrec.evaluation.compare_models`: McNemar's
+exact test against the best run, Holm-corrected) makes of the chosen run's difference to the best other run.
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ import json
 
 import pandas as pd
 
-from genderrec import storage
+from genderrec import bundle, metrics, storage
 from genderrec.config import SelectionConfig
 
-MODEL_FILE = "model.keras"
-CARD_FILE = "card.json"
-CLASS_NAMES = ("female", "male")
+VALIDATION_METRICS = ("val_accuracy", "val_auc", "best_val_accuracy")
 
 
 def run_name(row) -> str:
@@ -23,13 +23,16 @@ def run_name(row) -> str:
     return f"{row['architecture']}/{row['mode']}"
 
 
-def select(
-    board: pd.DataFrame, rule: SelectionConfig, p_values: pd.DataFrame | None = None, test: str = "paired test"
-) -> tuple[pd.Series, str]:
+def model_name(row) -> str:
+    """A leaderboard row's model name as in its card and ``models/<name>/``: ``architecture_mode``."""
+    return f"{row['architecture']}_{row['mode']}"
+
+
+def select(board: pd.DataFrame, rule: SelectionConfig, comparison: dict | None = None) -> tuple[pd.Series, str]:
     """Pick a run: the pinned one, else the best ``rule.metric``; near-ties go to the faster model.
 
-    The reason always says whether the chosen run's difference to the best other run is statistically significant
-    (``p_values``: runs x runs, named ``architecture/mode``, from ``test``), or that it was not tested.
+    The reason says which split chose it and whether its difference to the best other run on the test split is
+    statistically significant (``comparison``: from ``compare_models``; ``None``: not tested).
     """
     if rule.pin:
         architecture, _, mode = rule.pin.partition("/")
@@ -37,7 +40,9 @@ def select(
         if chosen.empty:
             raise ValueError(f"pinned run {rule.pin} is not on the leaderboard")
         chosen = chosen.iloc[0]
-        return chosen, f"pinned in the config ({rule.pin}); {significance(board, chosen, rule.metric, p_values, test)}"
+        return chosen, f"pinned in the config ({rule.pin}); {significance(board, chosen, comparison)}"
+    if board[rule.metric].isna().all():
+        raise ValueError(f"selection.metric {rule.metric}: no run has a value (a val metric needs a val split)")
     best = board[rule.metric].max()
     contenders = board[board[rule.metric] >= best - rule.tolerance]
     chosen = contenders.sort_values("inference_ms_per_1000").iloc[0]
@@ -47,36 +52,53 @@ def select(
             f"fastest of {len(contenders)} runs within {rule.tolerance} of the best {rule.metric} ({best:.4f}); "
             "their differences are within the tolerance"
         )
-    return chosen, f"{reason}; {significance(board, chosen, rule.metric, p_values, test)}"
+    return chosen, f"{chosen_on(rule.metric)}: {reason}; {significance(board, chosen, comparison)}"
 
 
-def significance(board: pd.DataFrame, chosen: pd.Series, metric: str, p_values, test: str) -> str:
-    """Whether ``chosen`` differs from the best other run beyond the noise of the test set, in words."""
-    from genderrec.evaluation import SIGNIFICANCE_LEVEL
+def chosen_on(metric: str) -> str:
+    """Which split chose the run, in words (a test-chosen run's test metrics overstate it)."""
+    if metric in VALIDATION_METRICS:
+        return "chosen on the validation split"
+    return "chosen on the TEST split (its test metrics are optimistic: they also chose it)"
 
-    others = board[[run_name(row) != run_name(chosen) for _, row in board.iterrows()]]
-    if others.empty:
+
+def significance(board: pd.DataFrame, chosen: pd.Series, comparison: dict | None) -> str:
+    """Whether ``chosen`` differs from the best other run on the test split beyond its noise, in words."""
+    if len(board) < 2:
         return "no other run to compare with"
-    other = others.sort_values(metric, ascending=False).iloc[0]
-    relation = f"{metric} {chosen[metric] - other[metric]:+.4f} vs the best other run {run_name(other)}"
-    if p_values is None:
-        return f"{relation}, not tested for significance (no paired test predictions for {metric})"
-    p_value = float(p_values.loc[run_name(chosen), run_name(other)])
-    if p_value < SIGNIFICANCE_LEVEL:
-        return f"{relation}: significant ({test}, p={p_value:.2g})"
-    return f"{relation}: NOT significant ({test}, p={p_value:.2g}), the two are tied within the noise of this test set"
+    if comparison is None:
+        return "not tested for significance (no paired test predictions)"
+    entries = {entry["name"]: entry for entry in comparison["models"]}
+    mine = entries[model_name(chosen)]
+    if mine["best"]:  # the runner-up carries the test against it
+        other = next(entry for entry in comparison["models"] if not entry["best"])
+        difference, versus = -other["vs_best"]["accuracy_difference"]["value"], other["vs_best"]
+    else:
+        other, versus = entries[comparison["best"]], mine["vs_best"]
+        difference = versus["accuracy_difference"]["value"]
+    test = (
+        f"McNemar exact test on {comparison['images']} paired test images, Holm-adjusted over "
+        f"{len(entries) - 1} comparisons, p={versus['p_holm']:.2g}"
+    )
+    relation = f"test accuracy {difference:+.4f} vs the best other run {other['name']}"
+    if versus["significant"]:
+        return f"{relation}: significant ({test})"
+    return f"{relation}: NOT significant ({test}), the two are tied within the noise of this test set"
+
+
+# --------------------------------------------------------------------------- the dict-card API of genderrec 0.1
+# Only labeling and serving (and their tests) still call these; they move to genderrec.bundle.ModelBundle, and
+# then this block goes. Everything else reads and writes cards through genderrec.bundle.
+
+MODEL_FILE, CARD_FILE, CLASS_NAMES = bundle.MODEL_FILE, bundle.CARD_FILE, bundle.CLASS_NAMES
 
 
 def export(model, model_dir: str, card: dict) -> None:
-    """Write a model directory: ``model.keras`` (no optimizer state needed) and ``card.json``."""
-    from genderrec import models
-
-    models.save_model(model, storage.join(model_dir, MODEL_FILE))
-    write_card(model_dir, card)
+    bundle.ModelBundle(model, bundle.ModelCard.model_validate(card)).save(model_dir)
 
 
 def write_card(model_dir: str, card: dict) -> None:
-    storage.write_text(storage.join(model_dir, CARD_FILE), json.dumps(card, indent=2, sort_keys=True))
+    bundle.write_card(model_dir, bundle.ModelCard.model_validate(card))
 
 
 def read_card(model_dir: str) -> dict:
@@ -87,7 +109,7 @@ def read_card(model_dir: str) -> dict:
 
 
 def load_selected(model_dir: str):
-    """Load ``(keras model, card)`` from a model directory (local or ``s3://``)."""
+    """``(keras model, card dict)`` of a model directory (local or ``s3://``)."""
     from genderrec import models
 
     card = read_card(model_dir)
@@ -98,13 +120,4 @@ def load_selected(model_dir: str):
 
 
 def apply_calibration(p_male, card: dict):
-    """Apply the card's temperature scaling (fitted on the validation split) when present, else return ``p_male``."""
-    import numpy as np
-
-    temperature = card.get("temperature")
-    p_male = np.asarray(p_male, dtype=np.float64)
-    if not temperature:
-        return p_male
-    clipped = np.clip(p_male, 1e-7, 1 - 1e-7)
-    logits = np.log(clipped / (1 - clipped)) / float(temperature)
-    return 1 / (1 + np.exp(-logits))
+    return metrics.apply_temperature(p_male, card.get("temperature"))

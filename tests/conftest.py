@@ -50,8 +50,9 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, celeba_manifest):
     """A googlenet model trained for a few steps on real faces, exported as a model directory (model.keras + card)."""
-    from genderrec import images, models, selection, training
+    from genderrec import images, models, training
     from genderrec.config import parse_config
+    from tests.helpers.bundles import save_bundle
 
     train = celeba_manifest[celeba_manifest["split"] == "train"].head(96)
     cfg = parse_config(
@@ -64,17 +65,5 @@ def tiny_model_dir(tmp_path_factory, celeba_manifest):
     dataset = images.tf_dataset(train["image_uri"], train["male"], TINY_SIZE, 16, training=True)
     model.fit(dataset, epochs=1, verbose=0)
     model_dir = tmp_path_factory.mktemp("model") / "selected"
-    card = {
-        "name": "googlenet_fine_tune",
-        "architecture": "googlenet",
-        "mode": "fine_tune",
-        "input_size": list(TINY_SIZE),
-        "crop_box": None,
-        "class_names": list(selection.CLASS_NAMES),
-        "threshold": 0.5,
-        "weights": "none (random init)",
-        "metrics": {},
-        "created": "2026-01-01T00:00:00+00:00",
-    }
-    selection.export(model, str(model_dir), card)
+    save_bundle(model, model_dir, input_size=TINY_SIZE)
     return model_dir

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from genderrec import storage
+from tests.helpers.net import free_port
 
 # Realistic key material (AWS's documented example pair): servers and SDKs reject toy values like "a"/"b".
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
@@ -53,12 +54,6 @@ class S3Server:
         fs.create_dir(name)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for_port(port: int, process: subprocess.Popen | None, log: Path | None, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,7 +81,7 @@ def rclone_server(tmp_path_factory):
     """``rclone serve s3`` over a temporary folder, with SigV4 authentication."""
     root = tmp_path_factory.mktemp("rclone-root")
     log = tmp_path_factory.mktemp("rclone-log") / "rclone.log"
-    port = _free_port()
+    port = free_port()
     command = [
         rclone_binary(),
         "serve",
@@ -114,7 +109,7 @@ def moto_server():
     """moto's in-process S3 server (any credentials are accepted)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -1,5 +1,6 @@
 """Evaluation: metrics against hand-computed values and scikit-learn, bootstrap coverage, groups, McNemar,
-selection's significance wording, the HTML report in headless Chromium, and `genderrec evaluate` end to end."""
+selection's significance wording, the HTML report in headless Chromium, and `genderrec calibrate` / `evaluate`
+end to end."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 from sklearn import metrics as sk
-from test_serving import chromium
 from threadpoolctl import threadpool_limits
 
-from genderrec import cli, evaluation, manifest, models, reports, selection
+from genderrec import cli, evaluation, manifest, metrics, models, reports, selection
+from genderrec.bundle import read_card
 from genderrec.config import HeadConfig, SelectionConfig
+from tests.helpers.bundles import save_bundle
+from tests.helpers.chromium import chromium
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "evaluation"
@@ -30,31 +33,31 @@ P_MALE = np.array([0.9, 0.6, 0.4, 0.2, 0.55, 0.1, 0.3, 0.8])
 
 
 def test_decision_metrics_by_hand():
-    at_half = {key: value[0] for key, value in evaluation.decision_metrics(TRUTH, P_MALE, 0.5).items()}
+    at_half = {key: value[0] for key, value in metrics.decision_metrics(TRUTH, P_MALE, 0.5).items()}
     assert (at_half["tn"], at_half["fp"], at_half["fn"], at_half["tp"]) == (3, 1, 1, 3)
     assert at_half["accuracy"] == pytest.approx(6 / 8)
     assert at_half["male_as_female_rate"] == pytest.approx(1 / 4)
     assert at_half["female_as_male_rate"] == pytest.approx(1 / 4)
     assert at_half["balanced_accuracy"] == pytest.approx(3 / 4)
-    lower = {key: value[0] for key, value in evaluation.decision_metrics(TRUTH, P_MALE, 0.35).items()}
+    lower = {key: value[0] for key, value in metrics.decision_metrics(TRUTH, P_MALE, 0.35).items()}
     assert (lower["tn"], lower["fp"], lower["fn"], lower["tp"]) == (3, 1, 0, 4)
     assert lower["accuracy"] == pytest.approx(7 / 8) and lower["male_as_female_rate"] == 0
     # One class absent: its error rate is undefined, not 0.
-    women_only = evaluation.decision_metrics([0, 0], [0.2, 0.7], 0.5)
+    women_only = metrics.decision_metrics([0, 0], [0.2, 0.7], 0.5)
     assert math.isnan(women_only["male_as_female_rate"][0]) and women_only["female_as_male_rate"][0] == 0.5
 
 
 def test_score_metrics_by_hand():
-    scores = {key: value[0] for key, value in evaluation.score_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]).items()}
+    scores = {key: value[0] for key, value in metrics.score_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]).items()}
     assert scores["roc_auc"] == pytest.approx(0.75)  # 3 of the 4 (man, woman) pairs ordered right
     assert scores["pr_auc"] == pytest.approx((1 / 2) * 1 + (1 / 2) * (2 / 3))  # recall steps x precision there
     assert scores["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))
     assert scores["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
     assert scores["ece"] == pytest.approx((0.1 + 0.4 + 0.65 + 0.2) / 4)  # each image alone in its bin
     # Two images in one bin: |mean p - share male| of the bin, weighted by its size.
-    ece = evaluation.score_metrics([1, 0], [0.55, 0.58])["ece"][0]  # both in bin [8/15, 9/15)
+    ece = metrics.score_metrics([1, 0], [0.55, 0.58])["ece"][0]  # both in bin [8/15, 9/15)
     assert ece == pytest.approx(abs(0.565 - 0.5))
-    tied = evaluation.score_metrics([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9])["roc_auc"][0]
+    tied = metrics.score_metrics([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9])["roc_auc"][0]
     assert tied == pytest.approx((1 + 0.5 + 1 + 1) / 4)  # a tie counts half
 
 
@@ -66,8 +69,8 @@ def test_metrics_match_scikit_learn_with_and_without_weights():
     weights = rng.integers(0, 4, size=(3, 500)).astype(float)
     for row in (None, *weights):
         batch = None if row is None else row[None]
-        decisions = evaluation.decision_metrics(truth, p_male, 0.5, batch)
-        scores = evaluation.score_metrics(truth, p_male, batch)
+        decisions = metrics.decision_metrics(truth, p_male, 0.5, batch)
+        scores = metrics.score_metrics(truth, p_male, batch)
         predicted = (p_male >= 0.5).astype(int)
         assert decisions["accuracy"][0] == pytest.approx(sk.accuracy_score(truth, predicted, sample_weight=row))
         assert decisions["balanced_accuracy"][0] == pytest.approx(
@@ -82,18 +85,18 @@ def test_metrics_match_scikit_learn_with_and_without_weights():
         assert scores["pr_auc"][0] == pytest.approx(sk.average_precision_score(truth, p_male, sample_weight=row))
         assert scores["log_loss"][0] == pytest.approx(sk.log_loss(truth, p_male, sample_weight=row))
         assert scores["brier"][0] == pytest.approx(sk.brier_score_loss(truth, p_male, sample_weight=row))
-    assert evaluation.binary_metrics(truth, p_male)["auc"] == pytest.approx(sk.roc_auc_score(truth, p_male))
+    assert metrics.binary_metrics(truth, p_male)["auc"] == pytest.approx(sk.roc_auc_score(truth, p_male))
 
 
 def test_bootstrap_weights_resample_whole_units_reproducibly():
     units = np.repeat(np.arange(50), 3)  # 50 identities of 3 images
-    bootstrap = evaluation.Bootstrap(replicates=300, seed=5)
+    bootstrap = metrics.Bootstrap(replicates=300, seed=5)
     weights = np.concatenate(list(bootstrap.weights(units)))
     assert weights.shape == (300, 150)
     assert (weights.sum(axis=1) == 150).all()  # 50 identities drawn, 3 images each
     assert (weights[:, 0::3] == weights[:, 1::3]).all() and (weights[:, 0::3] == weights[:, 2::3]).all()
     assert (np.concatenate(list(bootstrap.weights(units))) == weights).all()
-    other = np.concatenate(list(evaluation.Bootstrap(replicates=300, seed=6).weights(units)))
+    other = np.concatenate(list(metrics.Bootstrap(replicates=300, seed=6).weights(units)))
     assert not (other == weights).all()
     # The image-level mean of a draw count is 1: each unit is drawn once per replicate on average.
     assert weights.mean() == pytest.approx(1, abs=0.02)
@@ -112,10 +115,10 @@ def _synthetic(rng, n_identities, images_each, identity_effect):
 def _intervals(rows, bootstrap, units):
     """95 % intervals of accuracy at 0.5 and of ROC-AUC."""
     truth, p_male = rows["male"].to_numpy(), rows["p_male"].to_numpy()
-    accuracy = bootstrap.estimate(
-        lambda w: evaluation.decision_metrics(truth, p_male, 0.5, w), units, keys=("accuracy",)
-    )["accuracy"]
-    auc = bootstrap.estimate(lambda w: evaluation.score_metrics(truth, p_male, w), units, keys=("roc_auc",))
+    accuracy = bootstrap.estimate(lambda w: metrics.decision_metrics(truth, p_male, 0.5, w), units, keys=("accuracy",))[
+        "accuracy"
+    ]
+    auc = bootstrap.estimate(lambda w: metrics.score_metrics(truth, p_male, w), units, keys=("roc_auc",))
     return accuracy, auc["roc_auc"]
 
 
@@ -129,7 +132,7 @@ def test_bootstrap_intervals_cover_the_truth_at_the_nominal_rate():
     rng = np.random.default_rng(11)
     covered = {"accuracy": 0, "roc_auc": 0, "accuracy_by_image": 0}
     repetitions = 200
-    bootstrap = evaluation.Bootstrap(replicates=400, seed=1)
+    bootstrap = metrics.Bootstrap(replicates=400, seed=1)
     with threadpool_limits(limits=1):  # hundreds of tiny matrix products: BLAS threads only add overhead
         for _ in range(repetitions):
             rows = _synthetic(rng, n_identities=100, images_each=3, identity_effect=0.8)
@@ -152,21 +155,21 @@ def test_choose_threshold_and_fit_temperature():
     # Women 0.1 0.2 0.3 0.6, men 0.35 0.7 0.8 0.9: 0.325 and 0.65 both give balanced accuracy 7/8; 0.65 is nearer 0.5.
     truth = [0, 0, 0, 0, 1, 1, 1, 1]
     p_male = [0.1, 0.2, 0.3, 0.6, 0.35, 0.7, 0.8, 0.9]
-    assert evaluation.choose_threshold(truth, p_male, "balanced_accuracy") == pytest.approx(0.65)
-    assert evaluation.choose_threshold(truth, p_male, "accuracy") == pytest.approx(0.65)
+    assert metrics.choose_threshold(truth, p_male, "balanced_accuracy") == pytest.approx(0.65)
+    assert metrics.choose_threshold(truth, p_male, "accuracy") == pytest.approx(0.65)
     # Imbalance: accuracy prefers calling everyone female, balanced accuracy does not.
     # Women 0.1 … 0.8, men 0.55 and 0.9: above 0.8 is 9/10 right (balanced 0.75); above 0.5 7/10 (balanced 0.81).
     truth, p_male = [0] * 8 + [1, 1], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.55, 0.9]
-    assert evaluation.choose_threshold(truth, p_male, "accuracy") == pytest.approx(0.85)
-    assert evaluation.choose_threshold(truth, p_male, "balanced_accuracy") == pytest.approx(0.525)
+    assert metrics.choose_threshold(truth, p_male, "accuracy") == pytest.approx(0.85)
+    assert metrics.choose_threshold(truth, p_male, "balanced_accuracy") == pytest.approx(0.525)
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, 20_000)
     truth = (rng.random(20_000) < 1 / (1 + np.exp(-logits))).astype(int)
     overconfident = 1 / (1 + np.exp(-3 * logits))
-    temperature = evaluation.fit_temperature(truth, overconfident)
+    temperature = metrics.fit_temperature(truth, overconfident)
     assert temperature == pytest.approx(3, rel=0.05)
-    calibrated = selection.apply_calibration(overconfident, {"temperature": temperature})
+    calibrated = metrics.apply_temperature(overconfident, temperature)
     assert sk.log_loss(truth, calibrated) < sk.log_loss(truth, overconfident) - 0.05
     assert ((calibrated >= 0.5) == (overconfident >= 0.5)).all()  # decisions at 0.5 never change
 
@@ -200,7 +203,7 @@ def test_group_report_on_a_crafted_manifest():
     assert evaluation.group_columns(rows, ["region"]) == ["Eyeglasses", "Bald", "Wearing_Hat", "region"]
     with pytest.raises(ValueError, match="--group-by.*'country'.*no such column"):
         evaluation.group_columns(rows, ["country"])
-    bootstrap = evaluation.Bootstrap(replicates=500, seed=0)
+    bootstrap = metrics.Bootstrap(replicates=500, seed=0)
     report = evaluation.group_report(
         rows, 0.5, evaluation.group_columns(rows, ["region"]), bootstrap, np.arange(100), min_size=10
     )
@@ -239,55 +242,83 @@ def test_mcnemar_and_holm_on_a_crafted_case():
     # 50 both right, 10 only A right, 2 only B right, 5 both wrong.
     a = np.r_[np.ones(50), np.ones(10), np.zeros(2), np.zeros(5)].astype(bool)
     b = np.r_[np.ones(50), np.zeros(10), np.ones(2), np.zeros(5)].astype(bool)
-    result = evaluation.mcnemar(a, b)
+    result = metrics.mcnemar(a, b)
     assert (result["only_a_correct"], result["only_b_correct"]) == (10, 2)
     assert result["p_exact"] == pytest.approx(2 * (66 + 12 + 1) / 4096)  # 2 P(X >= 10), X ~ Bin(12, 1/2)
     assert result["p_continuity"] == pytest.approx(0.04331, abs=1e-4)  # chi2 = (|10 - 2| - 1)^2 / 12
-    assert evaluation.mcnemar(b, a)["p_exact"] == pytest.approx(result["p_exact"])
-    assert evaluation.mcnemar(a, a)["p_exact"] == 1.0
-    assert evaluation.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert metrics.mcnemar(b, a)["p_exact"] == pytest.approx(result["p_exact"])
+    assert metrics.mcnemar(a, a)["p_exact"] == 1.0
+    assert metrics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
+    # The comparison of `evaluate --runs` and train_all: each model against the best, McNemar exact, Holm.
     rows = pd.DataFrame({"male": np.r_[np.ones(34), np.zeros(33)].astype(int)})
-    correct_a, correct_b = a, b
-    p_a = np.where(correct_a == rows["male"].astype(bool), 0.9, 0.1)
-    p_b = np.where(correct_b == rows["male"].astype(bool), 0.9, 0.1)
-    predictions = pd.DataFrame({"x/fine_tune": p_a, "y/transfer": p_b})
-    table = evaluation.pairwise_p_values(rows, predictions, "accuracy", evaluation.Bootstrap(200))
-    assert table.loc["x/fine_tune", "y/transfer"] == pytest.approx(result["p_exact"])
-    assert table.loc["y/transfer", "x/fine_tune"] == pytest.approx(result["p_exact"])
+    worst = np.r_[np.ones(40), np.zeros(27)].astype(bool)  # 40 right, all of them right in a too
+    predictions = pd.DataFrame(
+        {
+            name: np.where(right == rows["male"].astype(bool), 0.9, 0.1)
+            for name, right in zip("abc", (a, b, worst), strict=True)
+        }
+    )
+    runs = {name: {"architecture": name, "mode": "fine_tune"} for name in "abc"}
+    compared = evaluation.compare_models(rows, predictions, runs, evaluation.EvaluationOptions(replicates=200))
+    assert compared["best"] == "a" and [entry["name"] for entry in compared["models"]] == ["a", "b", "c"]
+    versus = {entry["name"]: entry["vs_best"] for entry in compared["models"][1:]}
+    assert versus["b"]["mcnemar"]["p_exact"] == pytest.approx(result["p_exact"])
+    assert versus["b"]["accuracy_difference"]["value"] == pytest.approx((52 - 60) / 67)
+    # Holm: the smaller p-value is doubled (two comparisons), the larger one kept (it is not below the doubled one).
+    assert versus["c"]["p_holm"] == pytest.approx(2 * versus["c"]["mcnemar"]["p_exact"])
+    assert versus["b"]["p_holm"] == pytest.approx(result["p_exact"]) and versus["b"]["significant"]
 
 
-def _board(accuracies):
-    return pd.DataFrame(
+def _runs(val_accuracy):
+    """Three runs on 200 test images and their comparison: vgg16 right on 180, resnet50 on 176 (10 right only
+    there, 14 only in vgg16: not significant), googlenet on 140 (all of them right in vgg16 too: significant)."""
+    truth = np.tile([1, 0], 100)
+    wrong = {"vgg16": range(0, 20), "resnet50": range(10, 34), "googlenet": range(0, 60)}
+    predictions = {}
+    for architecture, indices in wrong.items():
+        right = np.ones(200, dtype=bool)
+        right[list(indices)] = False
+        predictions[f"{architecture}_{'transfer' if architecture == 'googlenet' else 'fine_tune'}"] = np.where(
+            right == truth.astype(bool), 0.8, 0.2
+        )
+    board = pd.DataFrame(
         {
             "architecture": ["vgg16", "resnet50", "googlenet"],
             "mode": ["fine_tune", "fine_tune", "transfer"],
-            "test_accuracy": accuracies,
+            "val_accuracy": val_accuracy,
+            "test_accuracy": [0.90, 0.88, 0.70],
             "inference_ms_per_1000": [30.0, 20.0, 10.0],
         }
     )
+    runs = {name: {"architecture": name.split("_")[0], "mode": name.split("_", 1)[1]} for name in predictions}
+    options = evaluation.EvaluationOptions(replicates=200)
+    return board, evaluation.compare_models(pd.DataFrame({"male": truth}), pd.DataFrame(predictions), runs, options)
 
 
-def test_selection_says_whether_the_lead_is_significant():
-    names = ["vgg16/fine_tune", "resnet50/fine_tune", "googlenet/transfer"]
-    p_values = pd.DataFrame(1.0, index=names, columns=names)
-    p_values.loc["vgg16/fine_tune", "resnet50/fine_tune"] = p_values.loc["resnet50/fine_tune", "vgg16/fine_tune"] = 0.3
+def test_selection_chooses_on_validation_and_says_whether_the_lead_is_significant():
+    board, compared = _runs([0.90, 0.88, 0.70])
     rule = SelectionConfig(tolerance=0.0)
-    chosen, reason = selection.select(_board([0.90, 0.88, 0.70]), rule, p_values, "McNemar exact test")
+    assert rule.metric == "val_accuracy"  # the default: choosing on test would overstate the winner
+    chosen, reason = selection.select(board, rule, compared)
     assert selection.run_name(chosen) == "vgg16/fine_tune"
-    assert "+0.0200 vs the best other run resnet50/fine_tune" in reason
-    assert "NOT significant (McNemar exact test, p=0.3)" in reason
-
-    p_values.loc["vgg16/fine_tune", "resnet50/fine_tune"] = p_values.loc["resnet50/fine_tune", "vgg16/fine_tune"] = 1e-4
-    _, reason = selection.select(_board([0.90, 0.88, 0.70]), rule, p_values, "McNemar exact test")
-    assert ": significant (McNemar exact test, p=0.0001)" in reason
-    _, reason = selection.select(_board([0.90, 0.88, 0.70]), rule)
+    assert reason.startswith("chosen on the validation split: best val_accuracy (0.9000)")
+    assert "test accuracy +0.0200 vs the best other run resnet50_fine_tune: NOT significant (McNemar exact" in reason
+    assert "Holm-adjusted over 2 comparisons" in reason and "tied within the noise" in reason
+    _, reason = selection.select(board, rule)
     assert "not tested for significance" in reason
-    # Tolerance picks the faster resnet50; the reason gives its (negative) difference to the best other run.
-    chosen, reason = selection.select(_board([0.90, 0.898, 0.70]), SelectionConfig(tolerance=0.005), p_values)
-    assert selection.run_name(chosen) == "resnet50/fine_tune" and "-0.0020 vs the best other run vgg16" in reason
-    _, reason = selection.select(_board([0.90, 0.88, 0.70]), SelectionConfig(pin="googlenet/transfer"), p_values)
-    assert reason.startswith("pinned in the config (googlenet/transfer); test_accuracy -0.2000")
+    # Tolerance picks the faster resnet50; the reason gives its (negative) difference to the best run on test.
+    close, _ = _runs([0.90, 0.898, 0.70])
+    chosen, reason = selection.select(close, SelectionConfig(tolerance=0.005), compared)
+    assert selection.run_name(chosen) == "resnet50/fine_tune" and "-0.0200 vs the best other run vgg16" in reason
+    _, reason = selection.select(board, SelectionConfig(pin="googlenet/transfer"), compared)
+    assert reason.startswith("pinned in the config (googlenet/transfer); test accuracy -0.2000")
+    assert ": significant (McNemar exact test on 200 paired test images" in reason
+    # Choosing on test stays possible, and says so.
+    _, reason = selection.select(board, SelectionConfig(metric="test_accuracy"), compared)
+    assert reason.startswith("chosen on the TEST split (its test metrics are optimistic")
+    with pytest.raises(ValueError, match="val_accuracy: no run has a value"):
+        selection.select(board.assign(val_accuracy=np.nan), rule, compared)
 
 
 def assert_self_contained(page: str) -> None:
@@ -307,11 +338,11 @@ def test_report_html_is_self_contained_and_renders_in_chromium(tmp_path):
     rows["image_id"] = [f"{index:06d}.jpg" for index in range(len(rows))]
     rows["Eyeglasses"] = (rng.random(len(rows)) < 0.2).astype(np.int8)
     val = _synthetic(rng, n_identities=100, images_each=1, identity_effect=0.5)
-    metrics = evaluation.evaluate_predictions(rows, val, evaluation.EvaluationOptions(replicates=200))
-    metrics["model"] = {"dir": "/models/x", "name": "x_fine_tune", "architecture": "x", "mode": "fine_tune"}
-    metrics["data"]["manifest"] = "/manifests/m.parquet"
+    result = evaluation.evaluate_predictions(rows, val, evaluation.EvaluationOptions(replicates=200))
+    result["model"] = {"dir": "/models/x", "name": "x_fine_tune", "architecture": "x", "mode": "fine_tune"}
+    result["data"]["manifest"] = "/manifests/m.parquet"
     out = tmp_path / "report"
-    written = reports.write_model_report(metrics, rows, str(out), face_images=False)
+    written = reports.write_model_report(result, rows, str(out), face_images=False)
     assert {Path(uri).name for uri in written} == {
         "roc.png",
         "reliability.png",
@@ -322,7 +353,7 @@ def test_report_html_is_self_contained_and_renders_in_chromium(tmp_path):
     }
     page = (out / "report.html").read_text()
     assert_self_contained(page)
-    assert page.count("<img") == 4 and metrics["mistakes"][0]["image_id"] in page  # the mistakes as a table
+    assert page.count("<img") == 4 and result["mistakes"][0]["image_id"] in page  # the mistakes as a table
 
     with chromium(tmp_path / "chromium-profile") as driver:
         driver.get((out / "report.html").as_uri())
@@ -349,50 +380,69 @@ def eval_manifest(tmp_path, celeba_manifest):
     return uri
 
 
-def test_evaluate_cli_end_to_end_on_real_faces(tiny_model_dir, eval_manifest, tmp_path, capsys):
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_calibrate_then_evaluate_cli_end_to_end_on_real_faces(tiny_model_dir, eval_manifest, tmp_path, capsys):
     model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model_dir)  # --calibrate writes the card: never the shared fixture's
+    shutil.copytree(tiny_model_dir, model_dir)  # calibrate writes the card: never the shared fixture's
+    untouched = _files(model_dir)
     out = tmp_path / "report"
     argv = ["evaluate", "--model", str(model_dir), "--manifest", str(eval_manifest), "--out", str(out)]
-    assert cli.main([*argv, "--calibrate", "--group-by", "official_split", "--bootstrap", "500"]) == 0
+    assert cli.main([*argv, "--group-by", "official_split", "--bootstrap", "500"]) == 0
     assert "report:" in capsys.readouterr().out
+    assert _files(model_dir) == untouched  # evaluate reads a model directory, never writes it
+    assert cli.main([*argv, "--calibrate"]) == 2
+    assert "genderrec calibrate --model DIR --manifest M" in capsys.readouterr().err
+    assert _files(model_dir) == untouched
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["schema"] == "genderrec.evaluation/1"
-    assert metrics["data"]["images"] == 100 and metrics["data"]["excluded_unreadable"] == 1
-    assert "gone.jpg" in metrics["data"]["unreadable_examples"][0]
-    assert metrics["bootstrap"]["unit"] == "identity" and metrics["bootstrap"]["replicates"] == 500
-    assert 0 < metrics["threshold"]["validation"] < 1 and metrics["threshold"]["fixed"] == 0.5
-    for point in metrics["at_threshold"].values():
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["schema"] == "genderrec.evaluation/1"
+    assert result["data"]["images"] == 100 and result["data"]["excluded_unreadable"] == 1
+    assert "gone.jpg" in result["data"]["unreadable_examples"][0]
+    assert result["bootstrap"]["unit"] == "identity" and result["bootstrap"]["replicates"] == 500
+    assert 0 < result["threshold"]["validation"] < 1 and result["threshold"]["fixed"] == 0.5
+    for point in result["at_threshold"].values():
         for key in ("accuracy", "balanced_accuracy", "male_as_female_rate", "female_as_male_rate"):
             assert point[key]["low"] <= point[key]["value"] <= point[key]["high"]
         assert sum(map(sum, point["confusion_matrix"]["counts"])) == 100
-    assert set(metrics["metrics"]) == {"roc_auc", "pr_auc", "log_loss", "brier", "ece"}
-    group_names = {column["column"] for column in metrics["groups"]["columns"]} | set(
-        metrics["groups"]["skipped_columns"]
+    assert set(result["metrics"]) == {"roc_auc", "pr_auc", "log_loss", "brier", "ece"}
+    group_names = {column["column"] for column in result["groups"]["columns"]} | set(
+        result["groups"]["skipped_columns"]
     )
     assert {"Eyeglasses", "Young", "Pale_Skin", "Wearing_Hat", "official_split"} <= group_names
     assert len(group_names) == 40  # CelebA's 39 other attributes and the named column
-    assert len(metrics["mistakes"]) == evaluation.MISTAKES_LISTED
-
-    card = selection.read_card(str(model_dir))
-    calibration = metrics["calibration"]
-    assert calibration["fitted_now"] and card["temperature"] == pytest.approx(calibration["temperature"])
-    assert card["calibration"]["val_log_loss_after"] <= card["calibration"]["val_log_loss_before"]
+    assert len(result["mistakes"]) == evaluation.MISTAKES_LISTED
+    assert result["calibration"]["temperature"] is None and "before" not in result["calibration"]
     for name in ("roc.png", "reliability.png", "confusion.png", "groups.png", "mistakes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
     assert_self_contained(page)
-    assert page.count("<img") == 5
+    assert page.count("<img") == 5 and "genderrec calibrate" in page
 
-    # Again with the calibrated card and no face images: prediction applies the card's temperature.
+    # genderrec calibrate: the one command that writes a temperature; fitted on raw outputs, so it is repeatable.
+    calibrate = ["calibrate", "--model", str(model_dir), "--manifest", str(eval_manifest)]
+    assert cli.main(calibrate) == 0
+    assert "temperature" in capsys.readouterr().out
+    card = read_card(str(model_dir))
+    assert card.temperature > 0 and card.calibration.fitted_on.endswith("split=val (100 images)")
+    assert card.calibration.val_log_loss_after <= card.calibration.val_log_loss_before
+    assert _files(model_dir)["model.keras"] == untouched["model.keras"]
+    assert cli.main(calibrate) == 0
+    assert read_card(str(model_dir)).temperature == pytest.approx(card.temperature)  # replaced, not compounded
+
+    # Evaluated again: predictions carry the card's temperature; "before" is the evaluation without it.
     plain = tmp_path / "plain"
     argv = ["evaluate", "--model", str(model_dir), "--manifest", str(eval_manifest), "--out", str(plain)]
     assert cli.main([*argv, "--no-face-images", "--bootstrap", "500"]) == 0
     again = json.loads((plain / "metrics.json").read_text())
-    assert not again["calibration"]["fitted_now"] and again["calibration"]["temperature"] == card["temperature"]
-    assert again["metrics"]["log_loss"]["value"] == pytest.approx(metrics["metrics"]["log_loss"]["value"], rel=1e-4)
-    assert again["at_threshold"]["fixed"] == metrics["at_threshold"]["fixed"]
+    calibration = again["calibration"]
+    assert calibration["temperature"] == pytest.approx(card.temperature)
+    assert calibration["fitted_on"] == card.calibration.fitted_on
+    assert calibration["before"]["log_loss"] == pytest.approx(result["metrics"]["log_loss"]["value"], rel=1e-6)
+    assert again["metrics"]["log_loss"]["value"] != pytest.approx(result["metrics"]["log_loss"]["value"], rel=1e-6)
+    assert again["at_threshold"]["fixed"] == result["at_threshold"]["fixed"]  # decisions at 0.5 never change
     assert not (plain / "mistakes.png").exists()
     page = (plain / "report.html").read_text()
     assert page.count("<img") == 4 and again["mistakes"][0]["image_uri"] in page
@@ -415,11 +465,10 @@ def test_evaluate_runs_compares_models_on_the_same_faces(tiny_model_dir, eval_ma
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "models" / "googlenet_fine_tune")
     shutil.copytree(tiny_model_dir, run / "selected")
-    card = selection.read_card(str(tiny_model_dir))
+    size = read_card(str(tiny_model_dir)).input_size
     head = HeadConfig(pooling="flatten", dense_units=4, dropout=0.0)
-    untrained = models.build_model("googlenet", "transfer", tuple(card["input_size"]), "none", head)
-    untrained_card = {**card, "name": "googlenet_transfer", "mode": "transfer"}
-    selection.export(untrained, str(run / "models" / "googlenet_transfer"), untrained_card)
+    untrained = models.build_model("googlenet", "transfer", size, "none", head)
+    save_bundle(untrained, run / "models" / "googlenet_transfer", mode="transfer", input_size=size)
     shutil.copy(eval_manifest, run / "manifest.parquet")
 
     out = tmp_path / "compare"

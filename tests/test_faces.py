@@ -1,16 +1,9 @@
-"""Face detection and CelebA alignment on photos composed, in the test, of real CelebA faces at known places.
-
-A composite pastes 1-3 aligned CelebA images (178x218, the face plus its background) at known positions and scales
-onto a larger canvas. The known box of each face is the detector's box on the original image, moved and scaled as
-the paste did (the pasted rectangle itself is mostly background, not face).
-"""
+"""Face detection and CelebA alignment on photos composed of real CelebA faces at known places
+(``tests.helpers.photos``), and ``genderrec evaluate --faces detect`` on them."""
 
 from __future__ import annotations
 
-import functools
-import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,94 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from genderrec import cli, evaluation, faces, images, manifest, selection
-
-CANVAS = (720, 480)  # width, height
-
-
-@functools.cache
-def detector() -> faces.FaceDetector:
-    """One detector for every test of the session (as one per actor in a job)."""
-    return faces.load_detector(faces.FaceOptions())
-
-
-@dataclass(frozen=True)
-class Composite:
-    """A photo made of CelebA faces: its JPEG bytes, each face's known box (upright pixels) and source image."""
-
-    data: bytes
-    boxes: list[tuple[float, float, float, float]]
-    sources: list[Path]
-
-
-def main_face(rgb: np.ndarray) -> faces.Face:
-    return faces.select_faces(detector().detect(rgb), faces.FaceOptions())[0]
-
-
-def compose(
-    sources: list[Path], placements: list[tuple[int, int, float]], *, exif_rotated: bool = False, canvas=CANVAS
-) -> Composite:
-    """Paste each source at ``(left, top, scale)`` on a smooth gradient; with ``exif_rotated`` the JPEG is stored
-    turned 90° counter-clockwise with EXIF orientation 6, so only a decoder that applies EXIF sees it upright."""
-    width, height = canvas
-    ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0.6, 1, height)[:, None, None]
-    photo = Image.fromarray((60 + 150 * ramp * np.array([0.9, 0.8, 0.6])).astype(np.uint8))
-    boxes = []
-    for source, (left, top, scale) in zip(sources, placements, strict=True):
-        face = Image.open(source).convert("RGB")
-        box = main_face(np.asarray(face)).box
-        face = face.resize((round(face.width * scale), round(face.height * scale)), Image.Resampling.LANCZOS)
-        photo.paste(face, (left, top))
-        boxes.append(tuple(float(v) for v in np.add(np.multiply(box, scale), [left, top, left, top])))
-    buffer = io.BytesIO()
-    if exif_rotated:
-        exif = Image.Exif()
-        exif[0x0112] = 6  # display needs a 90° clockwise turn
-        photo.transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
-    else:
-        photo.save(buffer, "JPEG", quality=95)
-    return Composite(buffer.getvalue(), boxes, list(sources))
-
-
-def iou(a, b) -> float:
-    left, top = max(a[0], b[0]), max(a[1], b[1])
-    right, bottom = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(right - left, 0) * max(bottom - top, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
-def match(found_boxes, known_boxes) -> list[int]:
-    """For each known box, the index of the found box overlapping it most."""
-    return [int(np.argmax([iou(found, known) for found in found_boxes])) for known in known_boxes]
-
-
-# Composites used here and by the labeling and serving tests: (CelebA file names, placements, EXIF-rotated).
-LAYOUTS = {
-    "one-face": (["000002.jpg"], [(270, 120, 1.0)], False),
-    "two-faces": (["000005.jpg", "000013.jpg"], [(40, 60, 1.5), (480, 200, 0.8)], False),
-    "three-faces-exif": (
-        ["000015.jpg", "000037.jpg", "000054.jpg"],
-        [(20, 40, 1.0), (250, 200, 0.7), (480, 30, 1.2)],
-        True,
-    ),
-}
-
-
-def layout(celeba_dir: Path, name: str) -> Composite:
-    files, placements, exif_rotated = LAYOUTS[name]
-    return compose([celeba_dir / "img_align_celeba" / file for file in files], placements, exif_rotated=exif_rotated)
-
-
-def no_face_photo() -> bytes:
-    """A landscape-like photo with no face: sky, ground and a few shapes."""
-    photo = Image.new("RGB", CANVAS, (120, 170, 230))
-    photo.paste((90, 140, 60), (0, 300, CANVAS[0], CANVAS[1]))
-    photo.paste((200, 60, 40), (100, 200, 220, 320))
-    photo.paste((240, 230, 120), (550, 40, 620, 110))
-    buffer = io.BytesIO()
-    photo.save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
+from genderrec import cli, evaluation, faces, images, manifest
+from genderrec.bundle import ModelBundle
+from tests.helpers.bundles import save_bundle
+from tests.helpers.photos import CANVAS, LAYOUTS, compose, detector, iou, layout, main_face, match, no_face_photo
 
 
 @pytest.fixture(scope="module")
@@ -133,26 +42,25 @@ def pixel_model_dir(celeba_manifest, tmp_path_factory) -> Path:
     )
     model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy")
     model.fit(pixels, train["male"].to_numpy("float32"), epochs=30, batch_size=64, verbose=0)
-    card = {"name": "pixel_logistic", "input_size": list(size), "crop_box": None, "threshold": 0.5}
     model_dir = tmp_path_factory.mktemp("pixel_model")
-    selection.export(model, str(model_dir), card)
+    save_bundle(
+        model, model_dir, name="pixel_logistic", architecture="pixel_logistic", input_size=size, preprocessing="a layer"
+    )
     return model_dir
 
 
 @pytest.fixture(scope="module")
-def pixel_model(pixel_model_dir):
-    return selection.load_selected(str(pixel_model_dir))
+def pixel_model(pixel_model_dir) -> ModelBundle:
+    return ModelBundle.load(str(pixel_model_dir))
 
 
-def p_male(model_and_card, pixels: list[np.ndarray]) -> np.ndarray:
-    model, card = model_and_card
-    return selection.apply_calibration(model.predict(np.stack(pixels), verbose=0).reshape(-1), card)
+def p_male(model: ModelBundle, pixels: list[np.ndarray]) -> np.ndarray:
+    return model.predict_proba(np.stack(pixels))
 
 
-def as_is(model_and_card, path: Path) -> np.ndarray:
+def as_is(model: ModelBundle, path: Path) -> np.ndarray:
     """The model's input for a CelebA image as is (``--faces aligned``)."""
-    card = model_and_card[1]
-    return images.load_image(path.read_bytes(), tuple(card["input_size"]), card["crop_box"])
+    return model.load_pixels(path.read_bytes())
 
 
 # --------------------------------------------------------------------------- alignment
@@ -177,14 +85,14 @@ def test_template_is_where_celeba_puts_the_landmarks(celeba_dir):
 
 
 def test_celeba_image_through_detect_and_align_predicts_as_is(celeba_manifest, pixel_model):
-    card = pixel_model[1]
-    size = tuple(card["input_size"])
+    card = pixel_model.card
+    size = card.input_size
     held_out = celeba_manifest[celeba_manifest["split"] == "test"].head(20)
     paths = [Path(uri) for uri in held_out["image_uri"]]
     aligned, originals = [], []
     for path in paths:
         rgb = images.decode_image(path.read_bytes())
-        crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", size, card["crop_box"])
+        crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", size, card.crop_box)
         assert [crop.source for crop in crops[:1]] == [faces.DETECTED], path
         aligned.append(crops[0].pixels)
         originals.append(as_is(pixel_model, path))
@@ -228,8 +136,7 @@ def test_every_face_of_a_composite_is_found_and_classified_as_its_crop(name, cel
     composite = layout(celeba_dir, name)
     rgb = images.decode_image(composite.data)
     assert rgb.shape == (CANVAS[1], CANVAS[0], 3)  # upright, EXIF applied
-    card = pixel_model[1]
-    crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", tuple(card["input_size"]), None)
+    crops = faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", pixel_model.card.input_size, None)
     assert len(crops) == len(composite.boxes)
     assert [crop.face_index for crop in crops] == list(range(len(crops)))
     areas = [crop.face.area for crop in crops]
@@ -246,7 +153,7 @@ def test_every_face_of_a_composite_is_found_and_classified_as_its_crop(name, cel
 
 def test_photo_without_a_face(pixel_model):
     rgb = images.decode_image(no_face_photo())
-    size = tuple(pixel_model[1]["input_size"])
+    size = pixel_model.card.input_size
     assert faces.face_crops(rgb, detector(), faces.FaceOptions(), "detect", size) == []
     (whole,) = faces.face_crops(rgb, detector(), faces.FaceOptions(), "auto", size)
     assert whole.source == faces.WHOLE_IMAGE and whole.face is None and whole.face_index == 0
@@ -300,13 +207,13 @@ def test_evaluate_scores_each_photo_by_its_largest_face(tmp_path, celeba_dir, ce
     frame = pd.concat([pd.DataFrame(rows), held_out], ignore_index=True)
     manifest.write_manifest(frame, str(tmp_path / "photos.parquet"))
 
-    model, card = selection.load_selected(str(pixel_model_dir))
-    scored = {mode: evaluation.predict(model, card, frame, faces=mode) for mode in ("detect", "auto")}
-    size = tuple(card["input_size"])
+    model = ModelBundle.load(str(pixel_model_dir))
+    scored = {mode: evaluation.predict(model, frame, faces=mode) for mode in ("detect", "auto")}
+    size = model.card.input_size
     for name, data in photos.items():
         row = frame.index[frame["image_uri"] == str(tmp_path / f"{name}.jpg")][0]
         (first, *_) = faces.face_crops(images.decode_image(data), detector(), faces.FaceOptions(), "auto", size)
-        assert scored["auto"].loc[row, "p_male"] == pytest.approx(p_male((model, card), [first.pixels])[0], abs=1e-6)
+        assert scored["auto"].loc[row, "p_male"] == pytest.approx(p_male(model, [first.pixels])[0], abs=1e-6)
         if name == "no-face":  # detect: no score, and why; auto: the whole photo
             assert np.isnan(scored["detect"].loc[row, "p_male"]) and faces.NO_FACE in scored["detect"].loc[row, "error"]
             assert first.source == faces.WHOLE_IMAGE

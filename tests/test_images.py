@@ -1,6 +1,4 @@
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +7,7 @@ from PIL import Image
 
 from genderrec import images
 from genderrec.images import ImageDecodeError
+from tests.helpers.photos import png_with_declared_size
 
 
 def encode(image, format_="JPEG", **options):
@@ -73,18 +72,6 @@ def test_16_bit_grayscale_is_scaled():
 def test_bad_bytes_raise_clear_errors(data, message):
     with pytest.raises(ImageDecodeError, match=message):
         images.decode_image(data)
-
-
-def png_with_declared_size(width, height):
-    """A tiny PNG whose header claims width x height (a decompression bomb's signature)."""
-
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-    )
 
 
 def test_decompression_bomb_is_refused_before_decoding():

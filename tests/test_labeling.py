@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_faces import LAYOUTS, detector, iou, layout, match, no_face_photo
 
 from genderrec import cli, faces, images, labeling, manifest, selection, storage
 from genderrec.config import read_yaml
+from tests.helpers.photos import LAYOUTS, detector, iou, layout, match, no_face_photo
 
 pytest_plugins = ["s3_servers"]  # the rclone_server and moto_server fixtures
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,9 @@ tiny test model with a temperature in its card, so every comparison also checks 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,23 +18,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_faces import detector, iou, layout, match, no_face_photo
-from test_images import png_with_declared_size
 
 from genderrec import images, selection, serving
 from genderrec.faces import NO_FACE, FaceOptions, face_crops
+from tests.helpers.chromium import chromium
+from tests.helpers.net import free_port
+from tests.helpers.photos import detector, iou, layout, match, no_face_photo, png_with_declared_size
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "configs" / "serve.yaml"
 ARTIFACTS = REPO / "artifacts" / "serving"
 STARTUP_TIMEOUT_S = 600
 TEMPERATURE = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +49,7 @@ def base_url(ray_session, served_model, tmp_path_factory):
     from ray import serve
 
     model_dir = served_model[0]
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "genderrec-serve.log"
     command = [
         sys.executable,
@@ -344,35 +337,6 @@ def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_mo
     assert whole["face_source"] == "whole_image" and whole["box"] is None and auto.json()["images"][0]["error"] is None
     assert whole["p_male"] == pytest.approx(aligned[0]["p_male"], abs=1e-6)  # the whole image, as ?faces=aligned
     assert wrong.status_code == 422 and "'aligned', 'detect' or 'auto'" in wrong.text
-
-
-@contextlib.contextmanager
-def chromium(profile: Path):
-    """Headless Chromium driven by selenium, quit at the end."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=900,1000",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):

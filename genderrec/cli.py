@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from genderrec import engines, faces, storage
+from genderrec import engines, faces, storage, tflogs
 from genderrec.config import ConfigError, load_config, read_yaml
 
 
@@ -36,7 +36,7 @@ def init_ray(address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        env_vars = storage.s3_env_vars()
+        env_vars = {**tflogs.env_vars(), **storage.s3_env_vars()}  # workers on other nodes start quiet too
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
 
 

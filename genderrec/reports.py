@@ -1,4 +1,5 @@
-"""Rendering: ``metrics.json``, PNG figures and a self-contained ``report.html``; the leaderboard and its figures.
+"""Rendering only: report data (from :mod:`genderrec.evaluation`) → ``metrics.json``, PNG figures and a
+self-contained ``report.html`` (Jinja2 templates in ``genderrec/templates/``); the leaderboard and its figures.
 
 A report folder (local or ``s3://``) is readable without the network: figures are embedded in the HTML as
 ``data:`` URIs, styles are inline, there are no scripts, fonts or links to other sites. Face thumbnails appear
@@ -8,7 +9,7 @@ only in ``mistakes.png`` and only when asked for (CelebA's licence forbids publi
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
@@ -339,17 +340,7 @@ def write_comparison_report(comparison: dict, out_uri: str) -> list[str]:
     return [storage.join(out_uri, name) for name in ("comparison.png", "metrics.json", "report.html")]
 
 
-# --------------------------------------------------------------------------- HTML
-
-_STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; } td, th { padding: 3px 9px; border-bottom: 1px solid #eee; }
-th { text-align: left; background: #f6f6f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; } .ci, .nw { white-space: nowrap; } .ci { color: #555; }
-img { max-width: 100%; border: 1px solid #eee; } .small { color: #999; } .bad { color: #b00; font-weight: 600; }
-.note { color: #555; font-size: 0.92em; } code { background: #f3f3f3; padding: 0 3px; }
-"""
+# --------------------------------------------------------------------------- HTML (genderrec/templates/)
 
 
 def _number(value) -> float:
@@ -367,225 +358,49 @@ def _interval_text(estimate: dict, digits: int = 3) -> str:
     return f"{_fmt(estimate['value'], digits)} [{_fmt(estimate['low'], digits)}, {_fmt(estimate['high'], digits)}]"
 
 
-def _plural(unit: str) -> str:
-    return {"identity": "identities", "image": "images"}[unit]
+@functools.cache
+def _templates():
+    """The report templates (autoescaped: every value from a manifest or a card is text, never markup)."""
+    import jinja2
 
-
-def _interval_html(estimate: dict, digits: int = 3) -> str:
-    """Value, then its interval (which never breaks across lines)."""
-    text = _interval_text(estimate, digits)
-    value, _, interval = text.partition(" ")
-    return f'{value} <span class="ci">{interval}</span>' if interval else value
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join(
-        "<tr>" + "".join(cell if str(cell).startswith("<td") else f"<td>{cell}</td>" for cell in row) + "</tr>"
-        for row in rows
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("genderrec", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _num(text: str, css: str = "num") -> str:
-    return f'<td class="{css}">{text}</td>'
-
-
-def _figure(png: bytes, alt: str) -> str:
-    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    environment.filters.update(
+        fmt=_fmt,
+        interval_text=_interval_text,
+        plural=lambda unit: {"identity": "identities", "image": "images"}[unit],
+        base64=lambda data: base64.b64encode(data).decode(),
     )
+    return environment
 
 
 def model_html(metrics: dict, pngs: dict[str, bytes]) -> str:
     """One model's report as a single HTML file (figures embedded, no external resources)."""
-    model, data, boot = metrics["model"], metrics["data"], metrics["bootstrap"]
-    validation, fixed = metrics["at_threshold"]["validation"], metrics["at_threshold"]["fixed"]
-    esc = html.escape
-    parts = [
-        f"<h1>Evaluation: {esc(str(model.get('name')))}</h1>",
-        f'<p class="note">{esc(str(model.get("architecture")))} / {esc(str(model.get("mode")))}, input '
-        f"{esc(str(model.get('input_size')))}, weights {esc(str(model.get('weights')))}; model <code>"
-        f"{esc(str(model['dir']))}</code>; manifest <code>{esc(str(data.get('manifest')))}</code>, split "
-        f"<b>{esc(data['split'])}</b>: {data['images']} images ({data['male']} male, {data['female']} female"
-        + (f", {data['identities']} identities" if data.get("identities") else "")
-        + f"); {data['excluded_unreadable']} unreadable and {data['excluded_unlabeled']} unlabeled rows excluded. "
-        f"Created {esc(metrics['created'])}.</p>",
-        "<h2>Headline metrics</h2>",
-        f'<p class="note">95 % intervals: percentile bootstrap, {boot["replicates"]} replicates resampling '
-        f"{boot['units']} {_plural(boot['unit'])} (seed {boot['seed']}). Validation threshold: "
-        f"{_fmt(validation['threshold'])} ({esc(metrics['threshold']['how'])}).</p>",
-        _table(
-            ["metric", f"validation threshold {_fmt(validation['threshold'])}", "threshold 0.5"],
-            [
-                [METRIC_LABELS[key], _num(_interval_html(validation[key])), _num(_interval_html(fixed[key]))]
-                for key in ("accuracy", "balanced_accuracy", "male_as_female_rate", "female_as_male_rate")
-            ],
-        ),
-        _table(
-            ["threshold-free metric", "value [95 % interval]"],
-            [[METRIC_LABELS[key], _num(_interval_html(value))] for key, value in metrics["metrics"].items()],
-        ),
-        _figure(pngs["roc.png"], "ROC and precision-recall curves"),
-        _figure(pngs["confusion.png"], "confusion matrices"),
-        "<h2>Calibration</h2>",
-        _calibration_html(metrics),
-        _figure(pngs["reliability.png"], "reliability diagram"),
-        "<h2>Per group</h2>",
-        _groups_html(metrics["groups"]),
-        _figure(pngs["groups.png"], "accuracy per group"),
-        "<h2>Most confident mistakes</h2>",
-        _mistakes_html(metrics["mistakes"], pngs.get("mistakes.png")),
-    ]
-    return _page(f"Evaluation: {model.get('name')}", "\n".join(parts))
-
-
-def _calibration_html(metrics: dict) -> str:
-    calibration = metrics["calibration"]
-    temperature = calibration.get("temperature")
-    if calibration.get("before"):
-        before = calibration["before"]
-        rows = [
-            [METRIC_LABELS[key], _num(_fmt(before[key])), _num(_interval_html(metrics["metrics"][key]))]
-            for key in ("log_loss", "brier", "ece")
-        ]
-        fitted = f" fitted on {html.escape(calibration['fitted_on'])}" if calibration.get("fitted_on") else ""
-        return (
-            f'<p class="note">The model card\'s temperature {temperature:.3f}{fitted} is applied to every prediction '
-            "(as in labeling and serving). Decisions at 0.5 do not change; probabilities do. On the evaluated "
-            "split:</p>" + _table(["metric", "without it", "with it [95 % interval]"], rows)
-        )
-    return (
-        '<p class="note">No temperature in the model card (<code>genderrec calibrate --model DIR --manifest M</code> '
-        "fits one on the val split).</p>"
+    columns = sorted(
+        metrics["groups"]["columns"], key=lambda column: -(column["gap"]["value"] if column["gap"] else -1)
     )
-
-
-def _groups_html(groups: dict) -> str:
-    largest, worst = groups["largest_gap"], groups["worst_group"]
-    summary = [
-        f'<p class="note">Threshold {_fmt(groups["threshold"])}. A group of fewer than {groups["min_group_size"]} '
-        "images is flagged <i>small</i>: shown, but left out of gaps and of the worst group. A grey rate rests on "
-        f"fewer than {groups['min_group_size']} images (n after it): a [0, 0] interval there is not "
-        "certainty.</p>"
-    ]
-    if largest:
-        verdict = "excludes 0" if largest["significant"] else "includes 0: not significant"
-        summary.append(
-            f"<p>Largest accuracy gap: <b>{html.escape(largest['column'])}</b> "
-            f"({html.escape(largest['best'])} vs {html.escape(largest['worst'])}): {_interval_text(largest)} "
-            f"(interval {verdict}).</p>"
+    return (
+        _templates()
+        .get_template("model_report.html.j2")
+        .render(
+            title=f"Evaluation: {metrics['model'].get('name')}",
+            metrics=metrics,
+            pngs=pngs,
+            columns=columns,
+            labels=METRIC_LABELS,
         )
-    if worst:
-        summary.append(
-            f"<p>Worst group: <b>{html.escape(worst['column'])}={html.escape(worst['value'])}</b> (n={worst['n']}), "
-            f"accuracy {_interval_text(worst['accuracy'])}.</p>"
-        )
-    if groups["skipped_columns"]:
-        summary.append(
-            f'<p class="note">One value only (no comparison): {html.escape(", ".join(groups["skipped_columns"]))}.</p>'
-        )
-    ordered = sorted(groups["columns"], key=lambda column: -(column["gap"]["value"] if column["gap"] else -1))
-    rows = []
-    for column in ordered:
-        gap = column["gap"]
-        gap_text = "n/a (small groups)" if not gap else _interval_html(gap)
-        css = "num bad" if gap and gap["significant"] else "num"
-        for index, group in enumerate(column["groups"]):
-            rows.append(
-                [
-                    html.escape(column["column"]) if index == 0 else "",
-                    html.escape(group["value"]),
-                    _num(f"{group['n']} ({group['n_male']}/{group['n_female']})"),
-                    *(_rate_cell(group[key]) for key in ("accuracy", "male_as_female_rate", "female_as_male_rate")),
-                    '<td class="small">small</td>' if group["small"] else "",
-                    _num(gap_text, css) if index == 0 else "",
-                ]
-            )
-    header = ["column", "group", "n (male/female)", "accuracy", "men labeled female", "women labeled male", "", "gap"]
-    return "\n".join(summary) + _table(header, rows)
-
-
-def _rate_cell(estimate: dict) -> str:
-    """A per-group rate; greyed, with its denominator, when that is under the minimum group size."""
-    if estimate["small"]:
-        return _num(f"{_interval_html(estimate)} (n={estimate['n']})", "num small")
-    return _num(_interval_html(estimate))
-
-
-def _mistakes_html(mistakes: list[dict], png: bytes | None) -> str:
-    if not mistakes:
-        return "<p>No mistakes.</p>"
-    if png is not None:
-        return _figure(png, "most confident mistakes")
-    rows = [
-        [
-            html.escape(str(mistake.get("image_id", ""))),
-            f"<code>{html.escape(str(mistake['image_uri']))}</code>",
-            "male" if mistake["male"] else "female",
-            _num(_fmt(mistake["p_male"])),
-        ]
-        for mistake in mistakes
-    ]
-    note = '<p class="note">Thumbnails left out (<code>--no-face-images</code>); the images are listed instead.</p>'
-    return note + _table(["image id", "image URI", "truth", "p_male"], rows)
+    )
 
 
 def comparison_html(comparison: dict, png: bytes) -> str:
     """The models of a run side by side, with the significance of each one's difference to the best."""
-    boot = comparison["bootstrap"]
-    rows = []
-    for model in comparison["models"]:
-        versus = model.get("vs_best")
-        if versus:
-            mcnemar = versus["mcnemar"]
-            css = "num bad" if versus["significant"] else "num"
-            tail = [
-                _num(_interval_html(versus["accuracy_difference"])),
-                _num(f"{mcnemar['only_a_correct']} / {mcnemar['only_b_correct']}"),
-                _num(f'<span class="nw">{mcnemar["p_exact"]:.3g}</span>'),
-                _num(f'<span class="nw">{versus["p_holm"]:.3g}</span>'),
-                _num("yes" if versus["significant"] else "no", css),
-            ]
-        else:
-            tail = [_num("best"), "", "", "", ""]
-        rows.append(
-            [
-                html.escape(model["name"]) + (" <b>(selected)</b>" if model["selected"] else ""),
-                _num(_interval_html(model["accuracy"])),
-                _num(_interval_html(model["balanced_accuracy"])),
-                _num(_interval_html(model["roc_auc"])),
-                _num(_interval_html(model["ece"])),
-                *tail,
-            ]
-        )
-    header = [
-        "model",
-        "accuracy",
-        "balanced accuracy",
-        "ROC-AUC",
-        "ECE",
-        "accuracy − best",
-        "right only here / in best",
-        "McNemar p",
-        "Holm p",
-        "worse?",
-    ]
-    body = [
-        f"<h1>Model comparison: {html.escape(str(comparison.get('run', '')))}</h1>",
-        f'<p class="note">Split <b>{html.escape(comparison["split"])}</b>, the {comparison["images"]} images every '
-        f"model could read, threshold 0.5. Intervals: percentile bootstrap, {boot['replicates']} replicates over "
-        f"{boot['units']} {_plural(boot['unit'])} (seed {boot['seed']}); differences are paired (same "
-        "replicates). Each model is compared with the best one by McNemar's exact test on the images where exactly "
-        f"one of the two is right; Holm's correction over the {len(comparison['models']) - 1} comparisons, "
-        f"significant below {comparison['significance_level']}.</p>",
-        _table(header, rows),
-        _figure(png, "accuracy and ROC-AUC per model"),
-        "<p class=\"note\">Each model's full report: <code>models/&lt;name&gt;/</code> in this report's folder.</p>",
-    ]
-    return _page("Model comparison", "\n".join(body))
+    return (
+        _templates()
+        .get_template("comparison_report.html.j2")
+        .render(title="Model comparison", comparison=comparison, png=png)
+    )

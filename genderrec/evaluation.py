@@ -319,7 +319,9 @@ def predict(
                 errors[start + index] = error
             if readable:
                 batch = np.stack([loaded[index][0] for index in readable])
-                raw[start + np.asarray(readable)] = model.raw_proba(batch, batch_size)
+                raw[start + np.asarray(readable)] = np.concatenate(
+                    [model.raw_proba(batch[first : first + batch_size]) for first in range(0, len(batch), batch_size)]
+                )
     readable = ~np.isnan(raw)
     if not readable.all():
         first = next(error for error in errors if error)

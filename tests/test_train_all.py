@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genderrec import comparison, manifest, models, selection, training
+from genderrec import comparison, manifest, models, training
+from genderrec.bundle import ModelBundle
 from genderrec.config import ARCHITECTURES, MODES, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +54,20 @@ def test_train_all_runs_ten_models_and_selects_one(ray_session, tmp_path, celeba
         assert models.load_model(str(model_dir / "model.keras")).predict(batch, verbose=0).shape == (4, 1)
 
     chosen = board[board["selected"]].iloc[0]
-    model, card = selection.load_selected(str(run_dir / "selected"))
-    assert (card["architecture"], card["mode"]) == (chosen["architecture"], chosen["mode"])
-    assert card["input_size"] == [32, 32] and card["class_names"] == ["female", "male"]
-    assert card["metrics"]["test_accuracy"] == pytest.approx(chosen["test_accuracy"])
-    assert "selection" in card
-    p_male = model.predict(batch, verbose=0).reshape(-1)
+    selected = ModelBundle.load(str(run_dir / "selected"))
+    card = selected.card
+    assert (card.architecture, card.mode) == (chosen["architecture"], chosen["mode"])
+    assert card.input_size == (32, 32) and card.class_names == ("female", "male")
+    assert card.metrics["test_accuracy"] == pytest.approx(chosen["test_accuracy"])
+    assert card.selection.startswith("chosen on the validation split")  # selection.metric: val_accuracy
+    # The leaderboard shows the comparison `genderrec evaluate --runs` makes: McNemar against the best, Holm.
+    compared = json.loads((run_dir / "comparison" / "metrics.json").read_text())
+    assert compared["schema"] == "genderrec.comparison/1" and compared["selected"] == card.name
+    p_holm = {entry["name"]: entry["vs_best"]["p_holm"] for entry in compared["models"] if "vs_best" in entry}
+    for row in board.itertuples():
+        name = f"{row.architecture}_{row.mode}"
+        assert row.p_vs_best_holm == pytest.approx(p_holm[name]) if name in p_holm else np.isnan(row.p_vs_best_holm)
+    p_male = selected.predict_proba(batch)
     assert ((p_male >= 0) & (p_male <= 1)).all()
 
 

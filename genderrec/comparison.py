@@ -146,7 +146,8 @@ def train_all(cfg: Config) -> str:
     # One at a time, so that every model's inference time is measured on an otherwise idle worker.
     rows = [ray.get(remote.remote(summary, test, val, cfg_json, run_dir)) for summary in summaries]
     predictions = pd.DataFrame({selection.model_name(row): row.pop("test_p_male") for row in rows}, index=test.index)
-    board = pd.DataFrame(rows).sort_values([cfg.selection.metric, "test_accuracy"], ascending=False)
+    board = pd.DataFrame(rows)
+    board = board.sort_values([key for key in (cfg.selection.metric, "test_accuracy") if key in board], ascending=False)
     board = board.reset_index(drop=True)
     board.insert(0, "rank", np.arange(1, len(board) + 1))
     # The runs compared on the test split exactly as `genderrec evaluate --runs` compares them.

@@ -116,12 +116,14 @@ def check_available(requested: EngineName, exports: dict[str, str], model_dir: s
 
 
 def ray_cpus_and_gpu() -> tuple[int | None, bool]:
-    """(CPUs, whether a GPU) that Ray assigned to the current actor or replica; (None, False) outside Ray."""
+    """(CPUs, whether a GPU) that Ray assigned to the current actor or replica; (None, False) outside Ray and in
+    a driver (e.g. a test holding a local Ray), which Ray assigns nothing to."""
     import ray
 
-    if not ray.is_initialized():
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    if context is None or context.worker.mode != ray.WORKER_MODE:  # not in Ray, or a driver (nothing assigned)
         return None, False
-    resources = ray.get_runtime_context().get_assigned_resources()
+    resources = context.get_assigned_resources()
     cpus = resources.get("CPU")
     return (max(1, round(cpus)) if cpus else None), bool(ray.get_gpu_ids())
 

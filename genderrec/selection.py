@@ -41,7 +41,7 @@ def select(board: pd.DataFrame, rule: SelectionConfig, comparison: dict | None =
             raise ValueError(f"pinned run {rule.pin} is not on the leaderboard")
         chosen = chosen.iloc[0]
         return chosen, f"pinned in the config ({rule.pin}); {significance(board, chosen, comparison)}"
-    if board[rule.metric].isna().all():
+    if rule.metric not in board or board[rule.metric].isna().all():
         raise ValueError(f"selection.metric {rule.metric}: no run has a value (a val metric needs a val split)")
     best = board[rule.metric].max()
     contenders = board[board[rule.metric] >= best - rule.tolerance]

@@ -509,7 +509,7 @@ def test_leaderboard_markdown_and_figures_show_intervals(tmp_path):
         board["test_accuracy"] - 0.03,
         board["test_accuracy"] + 0.02,
     )
-    board["p_vs_selected"] = [np.nan, 0.01, 0.4, 0.001]
+    board["p_vs_best_holm"] = [np.nan, 0.01, 0.4, 0.001]
     markdown = reports.leaderboard_markdown(board, "Leaderboard")
     assert "test_accuracy_low" in markdown.splitlines()[2] and "0.7800" in markdown and "0.4000" in markdown
     histories = {

@@ -136,7 +136,7 @@ def train_all(cfg: Config) -> str:
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     frame, manifest_uri = prepare_manifest(cfg, run_dir)
     log.info("manifest %s: %s", manifest_uri, frame["split"].value_counts().to_dict())
-    summaries = training.run_grid(cfg, training.run_data(frame), run_dir)
+    summaries = training.run_grid(cfg, frame, run_dir)
 
     test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     remote = ray.remote(evaluate_run).options(

@@ -38,8 +38,21 @@ class DataConfig(_Strict):
     seed: int = 42
     image_size: tuple[int, int] = (218, 178)
     crop_box: tuple[int, int, int, int] | None = None
-    cache: bool = True
+    # auto: cache the decoded uint8 pixels in the training worker when they fit cache_budget_fraction of its memory
+    # (resources.memory_per_run_gib, else the Ray node's), else stream them; memory: always (fails up front if they
+    # cannot fit); none: always stream. The old true/false mean auto/none.
+    cache: Literal["auto", "memory", "none"] = "auto"
+    cache_budget_fraction: float = Field(default=0.5, gt=0, le=1)
+    # CPUs each Ray Data decode task reserves; decoding runs on any node's CPUs, not only the training worker's.
+    decode_cpus: float = Field(default=1.0, gt=0)
     skip_missing: bool = False
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_bool_is_auto_or_none(cls, value):
+        if isinstance(value, bool):
+            return "auto" if value else "none"
+        return value
 
     @field_validator("fractions")
     @classmethod
@@ -146,6 +159,8 @@ class ResourcesConfig(_Strict):
     cpus_per_run: float = Field(default=1.0, gt=0)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=2, ge=0)
+    # Memory a run's worker may use (GiB), for the data.cache decision; unset: the smallest Ray node that can host it.
+    memory_per_run_gib: float | None = Field(default=None, gt=0)
     address: str | None = None
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from genderrec import images, storage
+from genderrec import images, storage, train_data
 from genderrec.config import Config, parse_config
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
+SUMMARY_FILE = "summary.json"  # next to a Ray Train run's checkpoints once it has finished
 
 
 def class_weights(labels) -> dict[int, float]:
@@ -121,23 +121,8 @@ def train_run(loop_config: dict) -> dict:
     architecture, mode = loop_config["architecture"], loop_config["mode"]
     configure_threads(loop_config["cpus"])
     keras.utils.set_random_seed(cfg.data.seed)
-    data = pd.DataFrame(loop_config["data"])
-    train, val = data[data["split"] == "train"], data[data["split"] == "val"]
-    batch_size = cfg.training.batch_size
-    steps_per_epoch = cfg.training.steps_per_epoch or math.ceil(len(train) / batch_size)
-    augment = images.augmentation(**cfg.augment.model_dump(), seed=cfg.data.seed)
-    common = {"image_size": cfg.data.image_size, "batch_size": batch_size, "crop_box": cfg.data.crop_box}
-    train_ds = images.tf_dataset(
-        train["image_uri"],
-        train["male"],
-        training=True,
-        augment=augment,
-        cache=cfg.data.cache,
-        repeat=cfg.training.steps_per_epoch is not None,
-        seed=cfg.data.seed,
-        **common,
-    )
-    val_ds = images.tf_dataset(val["image_uri"], val["male"], cache=cfg.data.cache, **common)
+    counts = loop_config["counts"]
+    steps_per_epoch = cfg.training.steps_per_epoch or math.ceil(counts["train"] / cfg.training.batch_size)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -153,41 +138,49 @@ def train_run(loop_config: dict) -> dict:
         state["resumed_at_epochs"] = []
     stopped_early = cfg.training.early_stopping and state["wait"] >= cfg.training.early_stopping.patience
     if state["epoch"] < cfg.training.epochs and not stopped_early:
+        shards = {split: ray.train.get_dataset_shard(split) for split in counts if counts[split]}
+        train_input, val_input = train_data.worker_inputs(
+            shards,
+            counts,
+            cfg,
+            cache=loop_config["cache"],
+            first_epoch=state["epoch"],
+            augment=images.augmentation(**cfg.augment.model_dump(), seed=cfg.data.seed),
+        )
+        weights = loop_config["class_weight"]
         model.fit(
-            train_ds,
-            validation_data=val_ds,
+            train_input,
+            validation_data=val_input,
             epochs=cfg.training.epochs,
             initial_epoch=state["epoch"],
-            steps_per_epoch=steps_per_epoch if cfg.training.steps_per_epoch else None,
-            class_weight=class_weights(train["male"]) if cfg.training.class_weight == "balanced" else None,
+            steps_per_epoch=steps_per_epoch,
+            class_weight={int(label): weight for label, weight in weights.items()} if weights else None,
             callbacks=[_report_callback(cfg, state)],
             verbose=2,
         )
     return {**state, **models.parameter_counts(model)}
 
 
-def run_data(frame: pd.DataFrame) -> dict:
-    """The manifest columns a training worker needs, as plain lists (no shared filesystem required)."""
-    subset = frame[frame["split"].isin(["train", "val"])]
-    return {column: subset[column].tolist() for column in ("image_uri", "male", "split")}
-
-
-def make_trainer(cfg: Config, architecture: str, mode: str, data: dict, storage_path: str, name: str):
-    """The Ray Train trainer for one run (one worker, one GPU on a cluster)."""
+def make_trainer(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInputs, storage_path: str, name: str):
+    """The Ray Train trainer for one run (one worker, one GPU on a cluster), fed the job's Ray Data datasets."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
     fs, path = ray_storage(storage_path)
+    balanced = cfg.training.class_weight == "balanced"
     return TensorflowTrainer(
         train_run,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "architecture": architecture,
             "mode": mode,
-            "data": data,
+            "counts": inputs.counts(),
+            "cache": inputs.cache,
+            "class_weight": class_weights(inputs.rows["train"]["male"]) if balanced else None,
             "cpus": cfg.resources.cpus_per_run,
         },
+        datasets=inputs.datasets(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
             use_gpu=cfg.resources.use_gpu,
@@ -212,15 +205,22 @@ def ray_storage(uri: str):
     return None, str(Path(uri).absolute())
 
 
-def run_one(cfg: Config, architecture: str, mode: str, data: dict, storage_path: str) -> dict:
-    """Train one run to the end and summarise it (best checkpoint, history, timings)."""
+def run_one(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInputs, storage_path: str) -> dict:
+    """Train one run to the end and summarise it (best checkpoint, history, timings).
+
+    A rerun of the same job resumes: a run that finished there returns its saved summary without training again,
+    and Ray Train continues an unfinished one (same name and storage) from its last checkpoint.
+    """
     name = f"{architecture}_{mode}"
-    trainer = make_trainer(cfg, architecture, mode, data, storage_path, name)
+    done = storage.join(storage_path, name, SUMMARY_FILE)
+    if storage.exists(done):
+        return json.loads(storage.read_text(done))
+    trainer = make_trainer(cfg, architecture, mode, inputs, storage_path, name)
     result = trainer.fit()
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
     best = result.get_best_checkpoint(monitor, monitor_mode(monitor))
     state = result.return_value
-    return {
+    summary = {
         "architecture": architecture,
         "mode": mode,
         "checkpoint_uri": storage.S3_SCHEME + best.path if storage.is_s3(storage_path) else best.path,
@@ -233,16 +233,22 @@ def run_one(cfg: Config, architecture: str, mode: str, data: dict, storage_path:
         "params_total": state["params_total"],
         "params_trainable": state["params_trainable"],
     }
+    storage.write_text(done, json.dumps(summary))
+    return summary
 
 
-def run_grid(cfg: Config, data: dict, run_dir: str) -> list[dict]:
-    """Run every configured (architecture, mode) concurrently with Ray Tune; returns one summary per run."""
+def run_grid(cfg: Config, frame: pd.DataFrame, run_dir: str) -> list[dict]:
+    """Run every configured (architecture, mode) concurrently with Ray Tune; returns one summary per run.
+
+    The cache decision (and its estimate, printed) comes first, so that a config that cannot fit fails before any run.
+    """
     from ray import tune
 
+    inputs = train_data.prepare(cfg, frame)
     storage_path = storage.join(run_dir, "trainer")
 
     def trial(params):
-        summary = run_one(cfg, params["architecture"], params["mode"], data, storage_path)
+        summary = run_one(cfg, params["architecture"], params["mode"], inputs, storage_path)
         tune.report({"summary": summary})
 
     fs, path = ray_storage(run_dir)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from genderrec import comparison, manifest, models, training
+from genderrec import comparison, manifest, models, train_data, training
 from genderrec.bundle import ModelBundle
 from genderrec.config import ARCHITECTURES, MODES, load_config
 
@@ -107,7 +107,13 @@ def registered_checkpoints(run_dir: Path) -> list:
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path, celeba_manifest):
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        ["data.manifest=unused", "training.epochs=4", "training.early_stopping=null", "resources.max_failures=1"],
+        [
+            "data.manifest=unused",
+            "data.cache=none",
+            "training.epochs=4",
+            "training.early_stopping=null",
+            "resources.max_failures=1",
+        ],
     )
     frame = celeba_manifest[celeba_manifest["split"].isin(["train", "val"])].groupby("split").head(64)
     storage_path = str(tmp_path / "trainer")
@@ -126,7 +132,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path, c
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    summary = training.run_one(cfg, "googlenet", "fine_tune", training.run_data(frame), storage_path)
+    summary = training.run_one(cfg, "googlenet", "fine_tune", train_data.prepare(cfg, frame), storage_path)
     killer.join(timeout=5)
 
     assert killed, "no training worker was found to kill"

@@ -1,0 +1,287 @@
+"""Training input as Ray Data: a training worker's memory does not grow with the number of images.
+
+The driver turns the manifest's train and val rows into Ray Data datasets whose read, decode and resize (the shared
+decoder, :func:`genderrec.images.load_image`) run as Ray Data tasks on any CPU of the cluster, and decides before
+any run starts whether the decoded pixels may be cached (``data.cache``): as ``uint8`` (4x smaller than float32), in
+the worker, only when they fit a share of its memory. The worker reads its shards with
+``ray.train.get_dataset_shard`` and feeds Keras a few batches at a time: streamed (a new order every epoch, from a
+per-epoch seeded shuffle of the URIs before decoding) or, when cached, from its pixels in a new permutation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from genderrec import images, storage
+from genderrec.config import Config
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+ROWS_PER_BLOCK = 512  # URIs per Ray Data block: one decode task's work (about 60 MB of pixels at 218x178)
+PREFETCH_BATCHES = 2  # batches tf.data holds ready ahead of the model
+# Batches a streaming worker holds at once, as float32, counted generously: Ray Data's prefetched batch, the one
+# being copied into TensorFlow, tf.data's prefetch, the augmentation map's inputs and outputs, and the model's.
+STREAM_BATCHES = 8
+
+
+class CacheError(ValueError):
+    """``data.cache: memory`` cannot fit the worker's memory budget; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The numbers behind the cache decision, as the job prints them before any run starts."""
+
+    images: int
+    image_size: tuple[int, int]
+    batch_size: int
+    mode: str
+    memory: int | None
+    memory_source: str
+    budget_fraction: float
+
+    @property
+    def cache_bytes(self) -> int:
+        height, width = self.image_size
+        return self.images * height * width * 3
+
+    @property
+    def stream_bytes(self) -> int:
+        height, width = self.image_size
+        return STREAM_BATCHES * self.batch_size * height * width * 3 * 4
+
+    @property
+    def budget(self) -> int | None:
+        return None if self.memory is None else int(self.memory * self.budget_fraction)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is not None and self.cache_bytes <= self.budget
+
+    @property
+    def cache(self) -> bool:
+        return self.mode == "memory" or (self.mode == "auto" and self.fits)
+
+    def describe(self) -> str:
+        height, width = self.image_size
+        budget = (
+            f"budget {gib(self.budget)} = {self.budget_fraction:g} x {gib(self.memory)} per run ({self.memory_source})"
+            if self.memory is not None
+            else f"budget unknown ({self.memory_source})"
+        )
+        decision = (
+            f"cache the uint8 pixels in the worker ({gib(self.cache_bytes)})"
+            if self.cache
+            else f"stream (the worker holds about {gib(self.stream_bytes)} of batches at a time)"
+        )
+        return (
+            f"training input: {self.images:,} images (train + val) of {height}x{width}; uint8 cache "
+            f"{gib(self.cache_bytes)}; {budget}; data.cache={self.mode} -> {decision}"
+        )
+
+
+def gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB"
+
+
+def plan_cache(cfg: Config, images: int, memory: int | None, memory_source: str) -> CachePlan:
+    """Decide cache or stream from the numbers; ``data.cache: memory`` that cannot fit fails here, not mid-run."""
+    plan = CachePlan(
+        images=images,
+        image_size=tuple(cfg.data.image_size),
+        batch_size=cfg.training.batch_size,
+        mode=cfg.data.cache,
+        memory=memory,
+        memory_source=memory_source,
+        budget_fraction=cfg.data.cache_budget_fraction,
+    )
+    if plan.mode == "memory" and not plan.fits:
+        raise CacheError(
+            f"data.cache=memory cannot fit: {plan.describe()}. Use data.cache=auto (streams when the pixels do not "
+            "fit), a smaller data.image_size or data.subset, or more resources.memory_per_run_gib"
+        )
+    return plan
+
+
+def worker_memory(cfg: Config) -> tuple[int | None, str]:
+    """A training worker's memory: ``resources.memory_per_run_gib``, else the smallest Ray node that can host a run."""
+    if cfg.resources.memory_per_run_gib:
+        return int(cfg.resources.memory_per_run_gib * 2**30), "resources.memory_per_run_gib"
+    import ray
+
+    hosts = [
+        node["Resources"].get("memory", 0)
+        for node in ray.nodes()
+        if node["Alive"]
+        and node["Resources"].get("CPU", 0) >= cfg.resources.cpus_per_run
+        and (not cfg.resources.use_gpu or node["Resources"].get("GPU", 0) >= 1)
+    ]
+    if not hosts:
+        return None, "no Ray node can host a run yet: set resources.memory_per_run_gib"
+    return int(min(hosts)), "Ray memory of the smallest node that can host a run"
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What every run of a job trains on: the URIs and labels per split, and the cache decision."""
+
+    rows: dict[str, pd.DataFrame]
+    image_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int] | None
+    decode_cpus: float
+    seed: int
+    cache: bool
+
+    def datasets(self) -> dict:
+        """Ray Train's ``datasets=``: callables, so that each run's controller builds its own from the URIs."""
+        return {split: _DatasetFactory(self, split) for split in SPLITS if len(self.rows[split])}
+
+    def counts(self) -> dict[str, int]:
+        return {split: len(self.rows[split]) for split in SPLITS}
+
+
+def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
+    """Check the cache against the worker's memory and print the estimate; call before any run starts."""
+    rows = {split: frame.loc[frame["split"] == split, ["image_uri", "male"]].reset_index(drop=True) for split in SPLITS}
+    memory, source = worker_memory(cfg) if cfg.data.cache != "none" else (None, "not needed with data.cache=none")
+    plan = plan_cache(cfg, sum(len(part) for part in rows.values()), memory, source)
+    print(plan.describe(), flush=True)
+    log.info("%s", plan.describe())
+    return RunInputs(
+        rows=rows,
+        image_size=tuple(cfg.data.image_size),
+        crop_box=tuple(cfg.data.crop_box) if cfg.data.crop_box else None,
+        decode_cpus=cfg.data.decode_cpus,
+        seed=cfg.data.seed,
+        cache=plan.cache,
+    )
+
+
+class _DatasetFactory:
+    """Builds one split's Ray Dataset where it is called (a picklable callable: no object refs in closures)."""
+
+    def __init__(self, inputs: RunInputs, split: str):
+        self.inputs, self.split = inputs, split
+
+    def __call__(self):
+        return dataset(
+            self.inputs.rows[self.split],
+            self.inputs.image_size,
+            self.inputs.crop_box,
+            decode_cpus=self.inputs.decode_cpus,
+            shuffle_seed=self.inputs.seed if self.split == "train" else None,
+        )
+
+
+def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float = 1.0, shuffle_seed=None):
+    """URIs → ``{pixels: uint8 (n, h, w, 3), male: float32}`` batches, decoded by Ray Data tasks.
+
+    With ``shuffle_seed`` the URIs (not the pixels: cheap) are shuffled before decoding, in a new order every
+    execution, i.e. every epoch, reproducibly from the seed.
+    """
+    import ray.data
+    from ray.data import RandomSeedConfig
+
+    table = rows[["image_uri", "male"]].reset_index(drop=True)
+    ds = ray.data.from_pandas(
+        [table.iloc[start : start + ROWS_PER_BLOCK] for start in range(0, len(table), ROWS_PER_BLOCK)]
+    )
+    if shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
+    return ds.map_batches(
+        decode_batch,
+        fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box},
+        batch_size=64,
+        batch_format="numpy",
+        num_cpus=decode_cpus,
+    )
+
+
+def decode_batch(batch: dict, image_size, crop_box=None) -> dict:
+    """Ray Data task: read and decode with the shared decoder; a bad file's error names it."""
+    height, width = image_size
+    uris = batch["image_uri"]
+    pixels = np.empty((len(uris), height, width, 3), dtype=np.uint8)
+    for index, uri in enumerate(uris):
+        try:
+            pixels[index] = images.load_image(storage.read_bytes(uri), image_size, crop_box)
+        except Exception as exc:
+            raise ValueError(f"{uri}: {exc}") from exc
+    return {"pixels": pixels, "male": np.asarray(batch["male"], dtype=np.float32)}
+
+
+class SplitBatches:
+    """One split's ``(uint8 pixels, labels)`` batches per epoch, from its dataset shard; with ``cache``, the first
+    complete pass fills a preallocated uint8 array, and later epochs read it in a new permutation."""
+
+    def __init__(self, shard, rows: int, image_size, batch_size: int, *, cache: bool, shuffle: bool, seed: int):
+        height, width = image_size
+        self.shard, self.rows, self.batch_size, self.shuffle, self.seed = shard, rows, batch_size, shuffle, seed
+        self.pixels = np.empty((rows, height, width, 3), dtype=np.uint8) if cache else None
+        self.labels = np.empty(rows, dtype=np.float32) if cache else None
+        self.filled = False
+
+    def epoch(self, epoch: int):
+        if self.filled:
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.rows) if self.shuffle else None
+            for start in range(0, self.rows, self.batch_size):
+                index = (
+                    slice(start, start + self.batch_size) if order is None else order[start : start + self.batch_size]
+                )
+                yield self.pixels[index], self.labels[index]
+            return
+        seen = 0
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=1):
+            pixels, labels = batch["pixels"], batch["male"]
+            if seen + len(labels) > self.rows:
+                raise RuntimeError(f"dataset shard has more than the {self.rows} rows it was planned with")
+            if self.pixels is not None:
+                self.pixels[seen : seen + len(labels)] = pixels
+                self.labels[seen : seen + len(labels)] = labels
+            seen += len(labels)
+            yield pixels, labels
+        if seen != self.rows:
+            raise RuntimeError(f"dataset shard gave {seen} rows, planned with {self.rows}")
+        self.filled = self.pixels is not None
+
+
+def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, endless: bool = False, augment=None):
+    """A tf.data pipeline over :class:`SplitBatches`: float32 0..255, augmented (training), a few batches ahead.
+
+    ``endless`` (training) runs one data epoch after another from ``first_epoch``, so ``model.fit`` takes
+    ``steps_per_epoch``; otherwise every iteration is one pass (validation).
+    """
+    import tensorflow as tf
+
+    height, width = image_size
+
+    def generate():
+        for epoch in itertools.count(first_epoch) if endless else (first_epoch,):
+            yield from batches.epoch(epoch)
+
+    signature = (
+        tf.TensorSpec((None, height, width, 3), tf.uint8),
+        tf.TensorSpec((None,), tf.float32),
+    )
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(PREFETCH_BATCHES)
+
+
+def worker_inputs(shards: dict, counts: dict[str, int], cfg: Config, *, cache: bool, first_epoch: int, augment):
+    """(train, val) Keras inputs of a training worker from its dataset shards (val ``None`` without val rows)."""
+    common = {"image_size": cfg.data.image_size, "batch_size": cfg.training.batch_size, "cache": cache}
+    train = SplitBatches(shards["train"], counts["train"], shuffle=True, seed=cfg.data.seed, **common)
+    train_input = keras_input(train, cfg.data.image_size, first_epoch=first_epoch, endless=True, augment=augment)
+    if not counts.get("val"):
+        return train_input, None
+    val = SplitBatches(shards["val"], counts["val"], shuffle=False, seed=cfg.data.seed, **common)
+    return train_input, keras_input(val, cfg.data.image_size)

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 ROWS_PER_BLOCK = 512  # URIs per Ray Data block: one decode task's work (about 60 MB of pixels at 218x178)
 PREFETCH_BATCHES = 2  # batches tf.data holds ready ahead of the model
+# Decoded blocks one run's ingest may hold in Ray's object store ahead of its worker (Ray Data's default is a share
+# of the whole store, so a fast decode of a large dataset would fill it and the worker's mapped pages with it).
+INGEST_OBJECT_STORE_BYTES = 256 * 2**20
 # Batches a streaming worker holds at once, as float32, counted generously: Ray Data's prefetched batch, the one
 # being copied into TensorFlow, tf.data's prefetch, the augmentation map's inputs and outputs, and the model's.
 STREAM_BATCHES = 8
@@ -144,6 +147,15 @@ class RunInputs:
 
     def counts(self) -> dict[str, int]:
         return {split: len(self.rows[split]) for split in SPLITS}
+
+
+def data_config():
+    """Ray Train's ``dataset_config``: every run's ingest holds at most ``INGEST_OBJECT_STORE_BYTES`` of blocks."""
+    import ray.train
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    limits = ExecutionResources.for_limits(object_store_memory=INGEST_OBJECT_STORE_BYTES)
+    return ray.train.DataConfig(execution_options=ExecutionOptions(resource_limits=limits))
 
 
 def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from genderrec import images, storage, train_data
 from genderrec.config import Config, parse_config
 
@@ -181,6 +182,7 @@ def make_trainer(cfg: Config, architecture: str, mode: str, inputs: train_data.R
             "cpus": cfg.resources.cpus_per_run,
         },
         datasets=inputs.datasets(),
+        dataset_config=train_data.data_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
             use_gpu=cfg.resources.use_gpu,

@@ -90,3 +90,14 @@ def test_weights_per_architecture():
     default = parse_config({"data": {"manifest": "m"}})
     assert default.models.weights_for("resnet50") == "imagenet"
     assert default.models.weights_for("googlenet") == "none"
+
+
+def test_data_cache_modes_and_the_old_booleans():
+    assert parse_config({"data": {"manifest": "m"}}).data.cache == "auto"
+    assert parse_config({"data": {"manifest": "m", "cache": True}}).data.cache == "auto"
+    assert parse_config({"data": {"manifest": "m", "cache": False}}).data.cache == "none"
+    assert parse_config({"data": {"manifest": "m", "cache": "memory"}}).data.cache == "memory"
+    with pytest.raises(ConfigError, match="data.cache"):
+        parse_config({"data": {"manifest": "m", "cache": "disk"}})
+    with pytest.raises(ConfigError, match="data.cache_budget_fraction"):
+        parse_config({"data": {"manifest": "m", "cache_budget_fraction": 1.5}})

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -140,3 +142,33 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, tmp_path, c
     assert summary["epochs_run"] == 4
     assert [row["epoch"] for row in summary["history"]] == [1, 2, 3, 4]
     assert Path(summary["checkpoint_uri"], training.MODEL_FILE).exists()
+
+
+def test_a_killed_train_all_rerun_does_not_train_finished_runs_again(tmp_path, celeba_dir):
+    command = [
+        *(sys.executable, "-m", "genderrec", "train-all", "--config", str(REPO / "configs" / "tiny.yaml")),
+        *("--celeba-dir", str(celeba_dir), "--storage-path", str(tmp_path)),
+        *("--set", "models.architectures=[googlenet]", "--set", "resources.max_concurrent_trials=1"),
+        *("--set", "resources.address=local", "--set", "run.name=resume", "--set", "data.subset=100"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    trainer = tmp_path / "resume" / "trainer"
+    with open(tmp_path / "first.log", "wb") as log:
+        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not list(trainer.glob(f"*/{training.SUMMARY_FILE}")) and job.poll() is None:
+            assert time.monotonic() < deadline, "no run finished in time"
+            time.sleep(0.2)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    (finished,) = trainer.glob(f"*/{training.SUMMARY_FILE}")
+    before = {path: path.stat().st_mtime_ns for path in finished.parent.rglob("*")}
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "training input: 80 images (train + val)" in rerun.stdout  # the printed estimate, before any run
+    assert {path: path.stat().st_mtime_ns for path in finished.parent.rglob("*")} == before  # not trained again
+    board = pd.read_parquet(tmp_path / "resume" / "leaderboard.parquet")
+    assert sorted(board["mode"]) == ["fine_tune", "transfer"] and (board["epochs_run"] == 1).all()
+    assert len(list(trainer.glob(f"*/{training.SUMMARY_FILE}"))) == 2

@@ -1,0 +1,104 @@
+"""Training input on a real local Ray: the decoded faces, their order per epoch, and the cache decision."""
+
+import numpy as np
+import pytest
+
+from genderrec import images, train_data
+from genderrec.config import parse_config
+from tests.conftest import TINY_SIZE
+
+
+def expected_pixels(faces) -> np.ndarray:
+    return np.stack(
+        [images.load_image(open(uri, "rb").read(), TINY_SIZE).astype(np.uint8) for uri in faces["image_uri"]]
+    )
+
+
+def positions(batches, expected: np.ndarray) -> list[int]:
+    """Which expected face each yielded image is (they must all be decoded exactly as the shared decoder does)."""
+    found = []
+    for pixels, _ in batches:
+        for image in pixels:
+            matches = np.flatnonzero((expected == image).all(axis=(1, 2, 3)))
+            assert len(matches) == 1, "an image was not decoded exactly as load_image does"
+            found.append(int(matches[0]))
+    return found
+
+
+def test_train_split_streams_in_a_new_order_every_epoch_then_from_its_uint8_cache(ray_session, real_faces):
+    faces = real_faces.head(24)
+    expected = expected_pixels(faces)
+    ds = train_data.dataset(faces, TINY_SIZE, decode_cpus=0.05, shuffle_seed=3)
+
+    streamed = train_data.SplitBatches(ds.iterator(), 24, TINY_SIZE, 8, cache=False, shuffle=True, seed=3)
+    first, second = positions(streamed.epoch(0), expected), positions(streamed.epoch(1), expected)
+    assert sorted(first) == sorted(second) == list(range(24))
+    assert first != second  # the URIs were reshuffled before decoding
+
+    cached = train_data.SplitBatches(ds.iterator(), 24, TINY_SIZE, 8, cache=True, shuffle=True, seed=3)
+    epochs = [list(cached.epoch(epoch)) for epoch in range(3)]
+    assert cached.filled and cached.pixels.dtype == np.uint8
+    orders = [positions(batches, expected) for batches in epochs]
+    assert all(sorted(order) == list(range(24)) for order in orders)
+    assert orders[1] != orders[2]  # a new permutation of the cached pixels every epoch
+    labels = dict(zip(range(24), faces["male"], strict=True))
+    for batches, order in zip(epochs, orders, strict=True):
+        assert np.concatenate([y for _, y in batches]).tolist() == [labels[index] for index in order]
+
+
+def test_a_bad_file_fails_the_epoch_naming_it(ray_session, tmp_path, real_faces):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    faces = real_faces.head(2).assign(image_uri=[real_faces["image_uri"].iloc[0], str(bad)])
+    batches = train_data.SplitBatches(
+        train_data.dataset(faces, TINY_SIZE, decode_cpus=0.05).iterator(),
+        2,
+        TINY_SIZE,
+        2,
+        cache=False,
+        shuffle=False,
+        seed=0,
+    )
+    with pytest.raises(Exception, match="broken.jpg"):
+        list(batches.epoch(0))
+
+
+def config(**data):
+    return parse_config({"data": {"manifest": "m", "image_size": [218, 178], **data}})
+
+
+def test_auto_caches_only_what_fits_the_budget():
+    image = 218 * 178 * 3
+    fits = train_data.plan_cache(config(), 10_000, 16 * 2**30, "resources.memory_per_run_gib")
+    assert fits.cache_bytes == 10_000 * image and fits.budget == 8 * 2**30 and fits.cache
+    too_big = train_data.plan_cache(config(), 162_770, 16 * 2**30, "resources.memory_per_run_gib")
+    assert too_big.cache_bytes > too_big.budget and not too_big.cache
+    tighter = train_data.plan_cache(config(cache_budget_fraction=0.05), 10_000, 16 * 2**30, "test")
+    assert not tighter.cache  # 1.1 GiB of pixels against 0.8 GiB
+    assert not train_data.plan_cache(config(), 10, None, "unknown").cache
+    assert not train_data.plan_cache(config(cache="none"), 10, 16 * 2**30, "test").cache
+
+    report = too_big.describe()
+    for number in ("162,770 images", "218x178", "17.65 GiB", "budget 8.00 GiB = 0.5 x 16.00 GiB", "-> stream"):
+        assert number in report, report
+
+
+def test_cache_memory_that_cannot_fit_fails_before_training_with_the_numbers():
+    assert train_data.plan_cache(config(cache="memory"), 1_000, 16 * 2**30, "test").cache
+    with pytest.raises(train_data.CacheError, match=r"162,770 images.*17.65 GiB.*budget 8.00 GiB"):
+        train_data.plan_cache(config(cache="memory"), 162_770, 16 * 2**30, "test")
+
+
+def test_prepare_prints_the_estimate_and_decision(capsys, real_faces):
+    cfg = parse_config(
+        {
+            "data": {"manifest": "m", "image_size": list(TINY_SIZE)},
+            "resources": {"memory_per_run_gib": 1},
+        }
+    )
+    frame = real_faces.assign(split=["train"] * 40 + ["val"] * 10 + ["test"] * 10)
+    inputs = train_data.prepare(cfg, frame)
+    assert inputs.cache and inputs.counts() == {"train": 40, "val": 10}
+    printed = capsys.readouterr().out
+    assert "50 images (train + val) of 40x32" in printed and "resources.memory_per_run_gib" in printed
+    assert "-> cache the uint8 pixels" in printed

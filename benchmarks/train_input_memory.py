@@ -8,6 +8,12 @@ images/s. Target: peak RSS grows <= 20 % from the smallest to the largest N. The
 (``load_image`` in this process) is measured too.
 
     nice -n 5 python benchmarks/train_input_memory.py --celeba-dir ../shared/celeba --sizes 2000 20000 162770
+
+``--estimate CONFIG`` instead prints what ``train_all`` prints for that config before any run (images, cache bytes,
+budget, decision) on the full CelebA's 202,599 faces (``data.subset`` null; the shared faces repeated to that count
+and split as the config says), and exits:
+
+    python benchmarks/train_input_memory.py --estimate configs/celeba_seed.yaml
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import pandas as pd
 import ray
 
 from genderrec import images, manifest, storage, train_data
-from genderrec.config import parse_config
+from genderrec.config import load_config, parse_config
+
+FULL_CELEBA = 202_599
 
 
 def tiny_model(image_size):
@@ -146,9 +154,19 @@ def main() -> None:
     parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs each Ray Data decode task reserves")
     parser.add_argument("--object-store-gib", type=float, default=2.0)
     parser.add_argument("--augment", action="store_true", help="also run the training augmentation in the worker")
+    parser.add_argument("--estimate", metavar="CONFIG", help="print the job's input estimate for CONFIG and exit")
     args = parser.parse_args()
 
     faces, _ = manifest.build_manifest(args.celeba_dir, split="identity", seed=0)
+    if args.estimate:
+        cfg = load_config(args.estimate, ["data.subset=null"])
+        full = faces.iloc[np.arange(FULL_CELEBA) % len(faces)].drop(columns="split")
+        split = manifest.assign_splits(full, cfg.data.split, fractions=cfg.data.fractions, seed=cfg.data.seed)
+        print(
+            f"{args.estimate} with data.subset=null on {FULL_CELEBA:,} faces: {split['split'].value_counts().to_dict()}"
+        )
+        train_data.prepare(cfg, split)
+        return
     cfg = parse_config(
         {
             "data": {"manifest": "unused", "image_size": args.size, "cache": "none", "decode_cpus": args.decode_cpus},

@@ -3,7 +3,7 @@
 Run directory layout (local or ``s3://``)::
 
     <storage_path>/<name>/manifest.parquet         the manifest the runs were trained on
-    <storage_path>/<name>/trainer/<arch>_<mode>/   Ray Train runs (checkpoints)
+    <storage_path>/<name>/trainer/<arch>_<mode>/   Ray Train runs (checkpoints; summary.json once finished)
     <storage_path>/<name>/models/<arch>_<mode>/    best model per run: model.keras, card.json, history.csv
     <storage_path>/<name>/leaderboard.{parquet,md} and figures/*.png
     <storage_path>/<name>/comparison/              the runs compared on test (as `genderrec evaluate --runs`)

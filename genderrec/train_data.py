@@ -81,7 +81,8 @@ class CachePlan:
         decision = (
             f"cache the uint8 pixels in the worker ({gib(self.cache_bytes)})"
             if self.cache
-            else f"stream (the worker holds about {gib(self.stream_bytes)} of batches at a time)"
+            else f"stream (the worker holds about {gib(self.stream_bytes)} of batches at a time; its ingest at most "
+            f"{gib(INGEST_OBJECT_STORE_BYTES)} of object store)"
         )
         return (
             f"training input: {self.images:,} images (train + val) of {height}x{width}; uint8 cache "

@@ -1,9 +1,11 @@
 """One training run as a Ray Train loop, and the Tune grid that runs every (architecture, mode) at once.
 
-Each run is a ``TensorflowTrainer`` with one worker (Keras 3 has no multi-worker strategy). Every epoch
+Each run is a ``TensorflowTrainer`` with one worker (Keras 3 has no multi-worker strategy), fed the job's Ray Data
+datasets (:mod:`genderrec.train_data`: decoded on any CPU, streamed or cached as the numbers allow). Every epoch
 the worker reports its metrics and a checkpoint (the model with optimizer state plus a small JSON of
 history and early-stopping state), so a killed worker resumes from its last epoch. Ray keeps the best
-checkpoint by the monitored metric: that is the run's best model ("restore best weights").
+checkpoint by the monitored metric: that is the run's best model ("restore best weights"). A finished run leaves
+its summary next to its checkpoints, so a rerun of a killed job does not train it again.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ and split as the config says), and exits:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import resource
@@ -102,7 +101,7 @@ def epoch_loop(loop_config: dict) -> dict:
     model = tiny_model(cfg.data.image_size)
     model.compile(optimizer="adam", loss="binary_crossentropy")
     started = time.perf_counter()
-    model.fit(train_input, epochs=1, steps_per_epoch=math.ceil(rows / cfg.training.batch_size), verbose=0)
+    model.fit(train_input, epochs=1, steps_per_epoch=train_data.steps(rows, cfg.training.batch_size), verbose=0)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"peak_rss": peak, "rss_before_input": before, "seconds": seconds, **memory.finish()}

@@ -43,7 +43,7 @@ def plain_fit(cfg, frame, pipeline: str) -> list[float]:
     """Epoch times of ``model.fit`` in this process, configured like a Ray Train worker, on either input pipeline."""
     training.configure_threads(cfg.resources.cpus_per_run)
     train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
-    steps = math.ceil(len(train) / cfg.training.batch_size)
+    steps = train_data.steps(len(train), cfg.training.batch_size)
     model = models.build_model("resnet50", "fine_tune", cfg.data.image_size, "none", cfg.models.head)
     training.compile_model(model, cfg, steps)
     augment = images.augmentation(**cfg.augment.model_dump(), seed=0)
@@ -63,6 +63,7 @@ def plain_fit(cfg, frame, pipeline: str) -> list[float]:
         validation_data=validation,
         epochs=cfg.training.epochs,
         steps_per_epoch=steps if pipeline == "ray_data" else None,
+        validation_steps=train_data.steps(len(val), cfg.training.batch_size) if pipeline == "ray_data" else None,
         class_weight=training.class_weights(train["male"]),
         callbacks=[epoch_timer(times)],
         verbose=0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +24,11 @@ from genderrec.config import Config
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-ROWS_PER_BLOCK = 512  # URIs per Ray Data block: one decode task's work (about 60 MB of pixels at 218x178)
+ROWS_PER_BLOCK = 256  # URIs per Ray Data block: one decode task's work (about 30 MB of pixels at 218x178)
 PREFETCH_BATCHES = 2  # batches tf.data holds ready ahead of the model
 # Decoded blocks one run's ingest may hold in Ray's object store ahead of its worker (Ray Data's default is a share
 # of the whole store, so a fast decode of a large dataset would fill it and the worker's mapped pages with it).
-INGEST_OBJECT_STORE_BYTES = 256 * 2**20
+INGEST_OBJECT_STORE_BYTES = 128 * 2**20
 # Batches a streaming worker holds at once, as float32, counted generously: Ray Data's prefetched batch, the one
 # being copied into TensorFlow, tf.data's prefetch, the augmentation map's inputs and outputs, and the model's.
 STREAM_BATCHES = 8
@@ -264,18 +265,19 @@ class SplitBatches:
         self.filled = self.pixels is not None
 
 
-def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, endless: bool = False, augment=None):
-    """A tf.data pipeline over :class:`SplitBatches`: float32 0..255, augmented (training), a few batches ahead.
+def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augment=None):
+    """An endless tf.data pipeline over :class:`SplitBatches`: one data epoch after another from ``first_epoch``,
+    float32 0..255, augmented (training), a few batches ahead.
 
-    ``endless`` (training) runs one data epoch after another from ``first_epoch``, so ``model.fit`` takes
-    ``steps_per_epoch``; otherwise every iteration is one pass (validation).
+    Endless, so that Keras keeps one iterator and takes exactly one pass per epoch from ``steps_per_epoch`` /
+    ``validation_steps`` (:func:`steps`): every pass runs to its end (and fills the cache), none is cut off.
     """
     import tensorflow as tf
 
     height, width = image_size
 
     def generate():
-        for epoch in itertools.count(first_epoch) if endless else (first_epoch,):
+        for epoch in itertools.count(first_epoch):
             yield from batches.epoch(epoch)
 
     signature = (
@@ -289,11 +291,16 @@ def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, endl
     return ds.prefetch(PREFETCH_BATCHES)
 
 
+def steps(rows: int, batch_size: int) -> int:
+    """Batches in one pass over ``rows`` (the last one partial)."""
+    return math.ceil(rows / batch_size)
+
+
 def worker_inputs(shards: dict, counts: dict[str, int], cfg: Config, *, cache: bool, first_epoch: int, augment):
     """(train, val) Keras inputs of a training worker from its dataset shards (val ``None`` without val rows)."""
     common = {"image_size": cfg.data.image_size, "batch_size": cfg.training.batch_size, "cache": cache}
     train = SplitBatches(shards["train"], counts["train"], shuffle=True, seed=cfg.data.seed, **common)
-    train_input = keras_input(train, cfg.data.image_size, first_epoch=first_epoch, endless=True, augment=augment)
+    train_input = keras_input(train, cfg.data.image_size, first_epoch=first_epoch, augment=augment)
     if not counts.get("val"):
         return train_input, None
     val = SplitBatches(shards["val"], counts["val"], shuffle=False, seed=cfg.data.seed, **common)

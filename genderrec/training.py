@@ -11,7 +11,6 @@ its summary next to its checkpoints, so a rerun of a killed job does not train i
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -125,7 +124,7 @@ def train_run(loop_config: dict) -> dict:
     configure_threads(loop_config["cpus"])
     keras.utils.set_random_seed(cfg.data.seed)
     counts = loop_config["counts"]
-    steps_per_epoch = cfg.training.steps_per_epoch or math.ceil(counts["train"] / cfg.training.batch_size)
+    steps_per_epoch = cfg.training.steps_per_epoch or train_data.steps(counts["train"], cfg.training.batch_size)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -157,6 +156,7 @@ def train_run(loop_config: dict) -> dict:
             epochs=cfg.training.epochs,
             initial_epoch=state["epoch"],
             steps_per_epoch=steps_per_epoch,
+            validation_steps=train_data.steps(counts["val"], cfg.training.batch_size) if counts["val"] else None,
             class_weight={int(label): weight for label, weight in weights.items()} if weights else None,
             callbacks=[_report_callback(cfg, state)],
             verbose=2,

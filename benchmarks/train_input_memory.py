@@ -111,14 +111,9 @@ def run(frame: pd.DataFrame, cfg, args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    inputs = train_data.RunInputs(
-        rows={"train": frame[["image_uri", "male"]], "val": frame.iloc[:0][["image_uri", "male"]]},
-        image_size=tuple(cfg.data.image_size),
-        crop_box=None,
-        decode_cpus=cfg.data.decode_cpus,
-        seed=0,
-        cache=False,
-    )
+    datasets = {
+        "train": train_data.dataset(frame, cfg.data.image_size, decode_cpus=cfg.data.decode_cpus, shuffle_seed=0)
+    }
     trainer = TensorflowTrainer(
         epoch_loop,
         train_loop_config={
@@ -127,7 +122,7 @@ def run(frame: pd.DataFrame, cfg, args) -> dict:
             "cpus": args.worker_cpus,
             "augment": args.augment,
         },
-        datasets=inputs.datasets(),
+        datasets=datasets,
         dataset_config=train_data.data_config(),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.worker_cpus}),
         run_config=RunConfig(name=f"n{len(frame)}", storage_path=tempfile.mkdtemp(prefix="genderrec-input-bench-")),

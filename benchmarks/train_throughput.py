@@ -49,7 +49,7 @@ def plain_fit(cfg, frame, pipeline: str) -> list[float]:
     augment = images.augmentation(**cfg.augment.model_dump(), seed=0)
     if pipeline == "ray_data":
         inputs = train_data.prepare(cfg, frame)
-        shards = {split: factory().iterator() for split, factory in inputs.datasets().items()}
+        shards = {split: ds.iterator() for split, ds in inputs.datasets.items()}
         dataset, validation = train_data.worker_inputs(
             shards, inputs.counts(), cfg, cache=inputs.cache, first_epoch=0, augment=augment
         )

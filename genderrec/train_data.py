@@ -134,18 +134,11 @@ def worker_memory(cfg: Config) -> tuple[int | None, str]:
 
 @dataclass(frozen=True)
 class RunInputs:
-    """What every run of a job trains on: the URIs and labels per split, and the cache decision."""
+    """What every run of a job trains on: the URIs and labels per split, their Ray Datasets, the cache decision."""
 
     rows: dict[str, pd.DataFrame]
-    image_size: tuple[int, int]
-    crop_box: tuple[int, int, int, int] | None
-    decode_cpus: float
-    seed: int
+    datasets: dict
     cache: bool
-
-    def datasets(self) -> dict:
-        """Ray Train's ``datasets=``: callables, so that each run's controller builds its own from the URIs."""
-        return {split: _DatasetFactory(self, split) for split in SPLITS if len(self.rows[split])}
 
     def counts(self) -> dict[str, int]:
         return {split: len(self.rows[split]) for split in SPLITS}
@@ -161,36 +154,25 @@ def data_config():
 
 
 def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
-    """Check the cache against the worker's memory and print the estimate; call before any run starts."""
+    """Check the cache against the worker's memory, print the estimate and build the datasets; call before any run.
+
+    The datasets are built here, in the job's driver, while no training worker holds the CPUs that creating them
+    takes (``from_pandas`` runs a task per block); their transforms run later, per run, as Ray Data tasks.
+    """
     rows = {split: frame.loc[frame["split"] == split, ["image_uri", "male"]].reset_index(drop=True) for split in SPLITS}
     memory, source = worker_memory(cfg) if cfg.data.cache != "none" else (None, "not needed with data.cache=none")
     plan = plan_cache(cfg, sum(len(part) for part in rows.values()), memory, source)
     print(plan.describe(), flush=True)
     log.info("%s", plan.describe())
-    return RunInputs(
-        rows=rows,
-        image_size=tuple(cfg.data.image_size),
-        crop_box=tuple(cfg.data.crop_box) if cfg.data.crop_box else None,
-        decode_cpus=cfg.data.decode_cpus,
-        seed=cfg.data.seed,
-        cache=plan.cache,
-    )
-
-
-class _DatasetFactory:
-    """Builds one split's Ray Dataset where it is called (a picklable callable: no object refs in closures)."""
-
-    def __init__(self, inputs: RunInputs, split: str):
-        self.inputs, self.split = inputs, split
-
-    def __call__(self):
-        return dataset(
-            self.inputs.rows[self.split],
-            self.inputs.image_size,
-            self.inputs.crop_box,
-            decode_cpus=self.inputs.decode_cpus,
-            shuffle_seed=self.inputs.seed if self.split == "train" else None,
+    common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus}
+    datasets = {
+        split: dataset(
+            rows[split], cfg.data.image_size, shuffle_seed=cfg.data.seed if split == "train" else None, **common
         )
+        for split in SPLITS
+        if len(rows[split])
+    }
+    return RunInputs(rows=rows, datasets=datasets, cache=plan.cache)
 
 
 def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float = 1.0, shuffle_seed=None):

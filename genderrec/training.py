@@ -183,7 +183,7 @@ def make_trainer(cfg: Config, architecture: str, mode: str, inputs: train_data.R
             "class_weight": class_weights(inputs.rows["train"]["male"]) if balanced else None,
             "cpus": cfg.resources.cpus_per_run,
         },
-        datasets=inputs.datasets(),
+        datasets=inputs.datasets,
         dataset_config=train_data.data_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1,
@@ -251,13 +251,14 @@ def run_grid(cfg: Config, frame: pd.DataFrame, run_dir: str) -> list[dict]:
     inputs = train_data.prepare(cfg, frame)
     storage_path = storage.join(run_dir, "trainer")
 
-    def trial(params):
+    def trial(params, inputs):
         summary = run_one(cfg, params["architecture"], params["mode"], inputs, storage_path)
         tune.report({"summary": summary})
 
     fs, path = ray_storage(run_dir)
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": 0.01}),
+        # with_parameters: the datasets' blocks go to the trials through the object store, not inside a closure
+        tune.with_resources(tune.with_parameters(trial, inputs=inputs), {"cpu": 0.01}),
         param_space={
             "architecture": tune.grid_search(list(cfg.models.architectures)),
             "mode": tune.grid_search(list(cfg.models.modes)),

@@ -159,7 +159,7 @@ def main() -> None:
         print(
             f"{args.estimate} with data.subset=null on {FULL_CELEBA:,} faces: {split['split'].value_counts().to_dict()}"
         )
-        train_data.prepare(cfg, split)
+        train_data.estimate(cfg, int(split["split"].isin(train_data.SPLITS).sum()))
         return
     cfg = parse_config(
         {

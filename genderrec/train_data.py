@@ -153,6 +153,15 @@ def data_config():
     return ray.train.DataConfig(execution_options=ExecutionOptions(resource_limits=limits))
 
 
+def estimate(cfg: Config, images: int) -> CachePlan:
+    """The cache decision for ``images`` train+val images, printed (and logged) as the job shows it."""
+    memory, source = worker_memory(cfg) if cfg.data.cache != "none" else (None, "not needed with data.cache=none")
+    plan = plan_cache(cfg, images, memory, source)
+    print(plan.describe(), flush=True)
+    log.info("%s", plan.describe())
+    return plan
+
+
 def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
     """Check the cache against the worker's memory, print the estimate and build the datasets; call before any run.
 
@@ -160,10 +169,7 @@ def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
     takes (``from_pandas`` runs a task per block); their transforms run later, per run, as Ray Data tasks.
     """
     rows = {split: frame.loc[frame["split"] == split, ["image_uri", "male"]].reset_index(drop=True) for split in SPLITS}
-    memory, source = worker_memory(cfg) if cfg.data.cache != "none" else (None, "not needed with data.cache=none")
-    plan = plan_cache(cfg, sum(len(part) for part in rows.values()), memory, source)
-    print(plan.describe(), flush=True)
-    log.info("%s", plan.describe())
+    plan = estimate(cfg, sum(len(part) for part in rows.values()))
     common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus}
     datasets = {
         split: dataset(

@@ -195,7 +195,9 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
         [table.iloc[start : start + ROWS_PER_BLOCK] for start in range(0, len(table), ROWS_PER_BLOCK)]
     )
     if shuffle_seed is not None:
-        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
+        # its tasks reserve what decode tasks do (Ray's default, a whole CPU, may never be free next to the workers)
+        seed = RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        ds = ds.random_shuffle(seed=seed, num_cpus=decode_cpus)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box},

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from label_throughput import measured, model_to_benchmark
 
-from genderrec import faces, images, labeling, selection
+from genderrec import bundle, faces, images, labeling
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.helpers, shared with the tests
@@ -64,9 +64,9 @@ def stage(wall_cpu: list[float]) -> dict:
     return {"wall_s": wall_cpu[0], "cpu_s": wall_cpu[1]}
 
 
-def in_process(photos: list[bytes], model, card: dict, batch_size: int, options: faces.FaceOptions) -> dict:
+def in_process(photos: list[bytes], loaded: bundle.ModelBundle, batch_size: int, options: faces.FaceOptions) -> dict:
     """Each stage of both ways, one at a time, on already loaded detector and model."""
-    size, crop_box = tuple(card["input_size"]), card.get("crop_box")
+    model, size, crop_box = loaded.model, loaded.card.input_size, loaded.card.crop_box
     detector = faces.load_detector(options)
     detector.detect(images.decode_image(photos[0]))  # warm-up: trace the detector's networks
     for warm_up in (1, 2):  # traced for two batch sizes, Keras generalises to any: no stage pays for tracing
@@ -146,17 +146,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genderrec-faces-bench-") as tmp:
         work = Path(tmp)
         model_dir = model_to_benchmark(args, work)
-        model, card = selection.load_selected(model_dir)
+        loaded = bundle.ModelBundle.load(model_dir)
         results = {
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
-            "model": labeling.model_version(card),
-            "input_size": card["input_size"],
+            "model": loaded.card.version,
+            "input_size": loaded.card.input_size,
             "photos": len(photos),
             "canvas": args.canvas,
             "batch_size": args.batch_size,
             "min_face_size": args.min_face_size,
             "in_process": in_process(
-                photos, model, card, args.batch_size, faces.FaceOptions(min_face_size=args.min_face_size)
+                photos, loaded, args.batch_size, faces.FaceOptions(min_face_size=args.min_face_size)
             ),
         }
         if not args.no_job:

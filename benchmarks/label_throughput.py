@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from genderrec import images, labeling, manifest, selection, storage
+from genderrec import bundle, images, labeling, manifest, storage
 
 
 def model_to_benchmark(args, work: Path) -> str:
@@ -50,19 +50,15 @@ def export_untrained(architecture: str, input_size: tuple[int, int], model_dir: 
     from genderrec import models
 
     model = models.build_model(architecture, "fine_tune", input_size, "none")
-    card = {
-        "name": f"{architecture}_untrained",
-        "architecture": architecture,
-        "mode": "fine_tune",
-        "input_size": list(input_size),
-        "crop_box": None,
-        "threshold": 0.5,
-        "class_names": list(selection.CLASS_NAMES),
-        "weights": "none (random init)",
-        "metrics": {},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    selection.export(model, model_dir, card)
+    card = bundle.ModelCard(
+        name=f"{architecture}_untrained",
+        architecture=architecture,
+        mode="fine_tune",
+        input_size=input_size,
+        preprocessing=f"{architecture} preprocess_input (inside the model)",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    bundle.ModelBundle(model, card).save(model_dir)
 
 
 class CpuMeter:
@@ -130,8 +126,8 @@ def rates(images_done: int, wall: float, cpu: float) -> dict:
     return {"images_per_second": images_done / wall, "cpu_seconds_per_image": cpu / images_done, "seconds": wall}
 
 
-def decode_all(card: dict, blobs: list[bytes]) -> np.ndarray:
-    return np.stack([images.load_image(blob, tuple(card["input_size"]), card.get("crop_box")) for blob in blobs])
+def decode_all(loaded: bundle.ModelBundle, blobs: list[bytes]) -> np.ndarray:
+    return np.stack([loaded.load_pixels(blob) for blob in blobs])
 
 
 def ceiling(model, pixels: np.ndarray, batch_size: int) -> dict:
@@ -141,13 +137,12 @@ def ceiling(model, pixels: np.ndarray, batch_size: int) -> dict:
     return rates(len(pixels), wall, cpu)
 
 
-def naive_loop(model, card: dict, uris: list[str]) -> dict:
+def naive_loop(loaded: bundle.ModelBundle, uris: list[str]) -> dict:
     """What a first script does: open each file, decode it, predict it alone."""
 
     def loop():
         for uri in uris:
-            pixels = images.load_image(Path(uri).read_bytes(), tuple(card["input_size"]), card.get("crop_box"))
-            model.predict(pixels[None], verbose=0)
+            loaded.model.predict(loaded.load_pixels(Path(uri).read_bytes())[None], verbose=0)
 
     _, wall, cpu = measured(loop)
     return rates(len(uris), wall, cpu)
@@ -184,9 +179,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="genderrec-bench-") as tmp:
         work = Path(tmp)
         model_dir = model_to_benchmark(args, work)
-        model, card = selection.load_selected(model_dir)
-        pixels, decode_wall, decode_cpu = measured(decode_all, card, [Path(uri).read_bytes() for uri in uris])
-        ceiling_before = ceiling(model, pixels, args.batch_size)
+        loaded = bundle.ModelBundle.load(model_dir)
+        pixels, decode_wall, decode_cpu = measured(decode_all, loaded, [Path(uri).read_bytes() for uri in uris])
+        ceiling_before = ceiling(loaded.model, pixels, args.batch_size)
 
         ray.init(include_dashboard=False, log_to_driver=False)
         # The first job also starts Ray's worker processes; the second shows the cost every job pays.
@@ -195,8 +190,8 @@ def main() -> None:
         full = label_job(model_dir, uris, work, "all", args.batch_size, args.actors)
         ray.shutdown()
 
-        ceiling_after = ceiling(model, pixels, args.batch_size)
-        naive = naive_loop(model, card, uris[: args.naive_images])
+        ceiling_after = ceiling(loaded.model, pixels, args.batch_size)
+        naive = naive_loop(loaded, uris[: args.naive_images])
 
     steady = len(uris) - args.batch_size
     job = {
@@ -210,8 +205,8 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "model": labeling.model_version(card),
-        "input_size": card["input_size"],
+        "model": loaded.card.version,
+        "input_size": loaded.card.input_size,
         "images": len(uris),
         "batch_size": args.batch_size,
         "actors": args.actors,

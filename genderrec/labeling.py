@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from pydantic import ValidationError
 
-from genderrec import faces, images, selection, storage
+from genderrec import bundle, faces, images, storage
 
 OUTPUT_COLUMNS = ("image_uri", "p_male", "label", "model", "error")
 FACE_COLUMNS = ("face_index", "face_source", "box", "landmarks", "det_confidence")  # in faces detect/auto modes
@@ -104,7 +104,7 @@ class LabelingPlan:
     """A checked job: the model card, and the input rows still to label (all of them unless resuming)."""
 
     options: LabelingOptions
-    card: dict
+    card: bundle.ModelCard
     threshold: float
     todo: pa.Table
     rows_in: int
@@ -149,11 +149,6 @@ class LabelingResult:
         return "\n".join(lines)
 
 
-def model_version(card: dict) -> str:
-    """The ``model`` column: the card's name and creation time, e.g. ``resnet50_fine_tune@2026-01-01T00:00:00``."""
-    return f"{card['name']}@{card['created']}" if card.get("created") else card["name"]
-
-
 # --------------------------------------------------------------------------- checks before any cluster work
 
 
@@ -168,17 +163,18 @@ def prepare(options: LabelingOptions) -> LabelingPlan:
         )
     done = _labeled_uris(options.output_uri, options.resume)
     todo = inputs.filter(pc.invert(pc.is_in(inputs["image_uri"], value_set=done))) if len(done) else inputs
-    threshold = options.threshold if options.threshold is not None else float(card.get("threshold", 0.5))
+    threshold = options.threshold if options.threshold is not None else card.threshold
     return LabelingPlan(options, card, threshold, todo, inputs.num_rows)
 
 
-def _check_model(model_dir: str) -> dict:
-    card = selection.read_card(model_dir)
-    if not storage.exists(storage.join(model_dir, selection.MODEL_FILE)):
-        raise FileNotFoundError(f"{model_dir}: no {selection.MODEL_FILE} beside {selection.CARD_FILE}")
-    missing = [key for key in ("name", "input_size") if key not in card]
-    if missing:
-        raise LabelingError(f"{storage.join(model_dir, selection.CARD_FILE)}: model card lacks {missing}")
+def _check_model(model_dir: str) -> bundle.ModelCard:
+    """The model directory's card, checked (and ``model.keras`` beside it) without loading the model."""
+    try:
+        card = bundle.read_card(model_dir)
+    except bundle.BundleError as exc:
+        raise LabelingError(str(exc)) from None
+    if not storage.exists(storage.join(model_dir, bundle.MODEL_FILE)):
+        raise LabelingError(f"{model_dir}: no {bundle.MODEL_FILE} beside {bundle.CARD_FILE}")
     return card
 
 
@@ -366,23 +362,21 @@ class Predictor:
 
     def __init__(self, model_dir: str, threshold: float):
         _allow_gpu_memory_growth()
-        self.model, self.card = selection.load_selected(model_dir)
-        self.threshold = threshold
-        self.version = model_version(self.card)
+        loaded = bundle.ModelBundle.load(model_dir)
+        # --threshold overrides the card's: the bundle names the classes at the threshold the job was given.
+        self.bundle = bundle.ModelBundle(loaded.model, loaded.card.model_copy(update={"threshold": threshold}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         decoded = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
         p_male = np.zeros(batch.num_rows, dtype=np.float64)
         if decoded.any():
             pixels = batch[_PIXELS].combine_chunks().to_numpy()[decoded]
-            raw = np.asarray(self.model.predict_on_batch(pixels)).reshape(-1)
-            p_male[decoded] = selection.apply_calibration(raw, self.card)
-        labels = np.where(p_male >= self.threshold, "male", "female")
+            p_male[decoded] = self.bundle.predict_proba(pixels, batch_size=len(pixels))
         outputs = {
             "image_uri": batch["image_uri"],
             "p_male": pa.array(p_male, pa.float64(), mask=~decoded),
-            "label": pa.array(labels, pa.string(), mask=~decoded),
-            "model": pa.array([self.version] * batch.num_rows, pa.string()),
+            "label": pa.array(self.bundle.label(p_male), pa.string(), mask=~decoded),
+            "model": pa.array([self.bundle.card.version] * batch.num_rows, pa.string()),
             "error": batch["error"],
         }
         carried = [name for name in batch.column_names if name not in (*OUTPUT_COLUMNS, _PIXELS)]
@@ -407,8 +401,8 @@ def build_dataset(plan: LabelingPlan):
     blocks = max(1, math.ceil(plan.todo.num_rows / options.batch_size))
     dataset = ray.data.from_arrow(plan.todo, override_num_blocks=blocks)
     model_input = {
-        "size": tuple(card["input_size"]),
-        "crop_box": tuple(card["crop_box"]) if card.get("crop_box") else None,
+        "size": card.input_size,
+        "crop_box": card.crop_box,
         "max_pixels": options.max_pixels,
     }
     if options.detects_faces:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from genderrec import cli, faces, images, labeling, manifest, selection, storage
+from genderrec import bundle, cli, faces, images, labeling, manifest, storage
 from genderrec.config import read_yaml
 from tests.helpers.photos import LAYOUTS, detector, iou, layout, match, no_face_photo
 
@@ -49,15 +49,12 @@ def bad_files(face: bytes) -> dict[str, tuple[bytes, str]]:
 
 def expected_p_male(model_dir: str, blobs: list[bytes]) -> np.ndarray:
     """p(male) from calling the model directly, as a user would, on the same images."""
-    card = selection.read_card(model_dir)
-    return p_male_of(
-        model_dir, [images.load_image(blob, tuple(card["input_size"]), card["crop_box"]) for blob in blobs]
-    )
+    loaded = bundle.ModelBundle.load(model_dir)
+    return loaded.predict_proba(np.stack([loaded.load_pixels(blob) for blob in blobs]))
 
 
 def p_male_of(model_dir: str, pixels: list[np.ndarray]) -> np.ndarray:
-    model, card = selection.load_selected(model_dir)
-    return selection.apply_calibration(model.predict(np.stack(pixels), verbose=0).reshape(-1), card)
+    return bundle.ModelBundle.load(model_dir).predict_proba(np.stack(pixels))
 
 
 def read_labels(output_uri: str) -> pd.DataFrame:
@@ -82,9 +79,9 @@ def test_label_s3_prefix_to_s3_on_rclone(rclone_server, monkeypatch, capsys, ray
     storage.write_text("s3://photos/2026/readme.txt", "not an image suffix: never listed")
 
     # A model directory on S3 whose card carries a temperature: labeling must apply the calibration.
-    card = {**selection.read_card(str(tiny_model_dir)), "temperature": 0.25}
-    storage.copy(str(tiny_model_dir / selection.MODEL_FILE), f"s3://models/gender/{selection.MODEL_FILE}")
-    selection.write_card("s3://models/gender", card)
+    card = bundle.read_card(str(tiny_model_dir)).model_copy(update={"temperature": 0.25})
+    storage.copy(str(tiny_model_dir / bundle.MODEL_FILE), f"s3://models/gender/{bundle.MODEL_FILE}")
+    bundle.write_card("s3://models/gender", card)
 
     # The endpoint comes from the flag, as for a user's MinIO/Ceph/R2.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
@@ -213,9 +210,8 @@ def test_local_folder_and_resume_after_a_partial_run(tmp_path, capsys, ray_sessi
 
 def face_inputs(model_dir: str, data: bytes, options: faces.FaceOptions, mode: str) -> list[faces.FaceCrop]:
     """What the job must classify in a photo, computed directly with the faces module."""
-    card = selection.read_card(model_dir)
-    rgb = images.decode_image(data)
-    return faces.face_crops(rgb, detector(), options, mode, tuple(card["input_size"]), card["crop_box"])
+    card = bundle.read_card(model_dir)
+    return faces.face_crops(images.decode_image(data), detector(), options, mode, card.input_size, card.crop_box)
 
 
 def test_faces_detect_and_auto_on_composite_photos(tmp_path, capsys, ray_session, tiny_model_dir, celeba_dir):
@@ -301,7 +297,7 @@ def test_label_config_file_is_strict(tmp_path, capsys):
 
 
 @pytest.fixture
-def inputs(tmp_path, real_faces):
+def inputs(tmp_path, real_faces, tiny_model_dir):
     """Small local inputs of every kind the checks must tell apart."""
     (tmp_path / "empty_folder").mkdir()
     (tmp_path / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -314,7 +310,7 @@ def inputs(tmp_path, real_faces):
     (tmp_path / "labels").mkdir()
     pq.write_table(pa.table({"image_uri": ["x"]}), tmp_path / "labels" / "part.parquet")
     (tmp_path / "model_without_weights").mkdir()
-    (tmp_path / "model_without_weights" / selection.CARD_FILE).write_text('{"name": "m", "input_size": [40, 32]}')
+    shutil.copy(tiny_model_dir / bundle.CARD_FILE, tmp_path / "model_without_weights" / bundle.CARD_FILE)
     return tmp_path
 
 

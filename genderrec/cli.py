@@ -295,7 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--gpus-per-actor", type=float, help="GPUs per actor, e.g. 1 or 0.5 (default 0)")
     label.add_argument("--threshold", type=float, help="p_male at or above it is labeled male (default: model card)")
     label.add_argument(
-        "--resume", action="store_true", default=None, help="skip images already in the output (after a crash)"
+        "--resume",
+        action="store_true",
+        default=None,
+        help="label only the shards with no output file yet (after a crash)",
+    )
+    label.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,
+        help="with --resume: label the rows that failed to read (retryable errors) again, replacing them",
+    )
+    label.add_argument(
+        "--rows-per-file",
+        type=int,
+        help="input images per output file (default 10,000); fixed by an output's first run",
     )
     label.add_argument("--max-pixels", type=int, help="larger images get an error row (default 40,000,000)")
     _face_flags(label)

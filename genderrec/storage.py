@@ -12,12 +12,19 @@ import contextlib
 import functools
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 S3_SCHEME = "s3://"
+# The AWS SDK's standard mode: up to this many attempts per request, exponential backoff with jitter between them,
+# on throttling, 5xx and connection errors. Set explicitly: pyarrow's default depends on its version.
+S3_ATTEMPTS = 5
+TEMPORARY_PREFIX = "."  # local files being written: hidden from Parquet readers (pyarrow, pandas, Spark, Ray)
 
 
 def is_s3(uri: str) -> bool:
@@ -55,7 +62,7 @@ def _endpoint() -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)}
     if endpoint:
         scheme, _, host = endpoint.rpartition("://")
         options.update(endpoint_override=host or endpoint, scheme=scheme or "https", allow_bucket_creation=True)
@@ -123,16 +130,57 @@ def _with_scheme(uri: str, path: str) -> str:
     return S3_SCHEME + path if is_s3(uri) else path
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """All files below a folder or prefix (recursive, sorted), filtered by case-insensitive suffix."""
+def list_files(uri: str, suffixes: tuple[str, ...] = (), recursive: bool = True) -> list[str]:
+    """All files below a folder or prefix (sorted), filtered by case-insensitive suffix."""
     fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     wanted = tuple(suffix.lower() for suffix in suffixes)
     return sorted(
         _with_scheme(uri, info.path)
         for info in infos
         if info.type == pafs.FileType.File and (not wanted or info.path.lower().endswith(wanted))
     )
+
+
+def walk_files(uri: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """Like :func:`list_files` (recursive), one folder (S3: one delimited prefix) at a time, so that a prefix of
+    millions of objects is never held whole; sorted within each folder, folders depth first."""
+    fs, path = filesystem(uri)
+    wanted = tuple(suffix.lower() for suffix in suffixes)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    files = sorted(info.path for info in infos if info.type == pafs.FileType.File)
+    yield from (_with_scheme(uri, name) for name in files if name.lower().endswith(wanted))
+    folders = sorted(info.path for info in infos if info.type == pafs.FileType.Directory)
+    del infos, files
+    for folder in folders:
+        yield from walk_files(_with_scheme(uri, folder), suffixes)
+
+
+def write_parquet(table: pa.Table, uri: str, row_group_size: int | None = None) -> None:
+    """Write a Parquet file that is whole or absent, never cut short: S3 puts (multipart included) appear only once
+    complete; a local file is written under a hidden temporary name in the same folder, then renamed over ``uri``."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        pq.write_table(table, path, filesystem=fs, row_group_size=row_group_size)
+        return
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    temporary = f"{folder}/{TEMPORARY_PREFIX}{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        pq.write_table(table, temporary, filesystem=fs, row_group_size=row_group_size)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def remove_temporaries(uri: str) -> None:
+    """Delete what :func:`write_parquet` left in a local folder when its process was killed mid-write."""
+    if is_s3(uri) or not os.path.isdir(uri):
+        return
+    for name in os.listdir(uri):
+        if name.startswith(TEMPORARY_PREFIX) and name.endswith(".tmp"):
+            os.remove(os.path.join(uri, name))
 
 
 def copy(source: str, destination: str) -> None:

@@ -58,6 +58,9 @@ DECODE_CPUS = 0.5
 # Photos per face detection call: detection takes ~0.5 s per photo, so small batches let the model actors start on
 # the first faces while the rest are still being detected (the model's batches are gathered to --batch-size).
 DETECT_BATCH = 4
+# A face detection actor's CPU share: with one inference actor (1 CPU), the read tasks and the writer, one detection
+# actor fits on a 2-CPU machine (a whole CPU each would leave none for the read tasks and the writer: no progress).
+FACE_CPUS = 1 - READ_CPUS - WRITER_CPUS
 _INTERNAL = "__genderrec_"  # columns that only travel through the pipeline, never written
 _PIXELS = _INTERNAL + "pixels"
 _SHARD, _ROW = _INTERNAL + "shard", _INTERNAL + "row"  # the output file a row goes to; its input row in the shard
@@ -458,7 +461,7 @@ def read_and_decode(batch: pa.Table, size: tuple[int, int], crop_box, max_pixels
         if rgb is not None:
             pixels[row] = images.resize(rgb, size, crop_box)
         errors.append(error)
-        retryable.append(None if error is None else again)
+        retryable.append(error is not None and again)
     batch = batch.append_column("error", pa.array(errors, pa.string()))
     batch = batch.append_column("retryable", pa.array(retryable, pa.bool_()))
     return batch.append_column(_PIXELS, ArrowTensorArray.from_numpy(pixels))
@@ -495,7 +498,7 @@ class FaceFinder:
                 rows.append(row)
                 crops.append(crop)
                 errors.append(error)
-                retryable.append(None if error is None else decoded[2])
+                retryable.append(error is not None and decoded[2])
                 image_rows.append(None if index else len(found or [None]))  # on an image's first row only
         detected = [crop.face if crop else None for crop in crops]
         pixels = np.zeros((len(crops), *self.size, 3), dtype=np.float32)
@@ -642,7 +645,7 @@ def build_dataset(plan: LabelingPlan):
             batch_size=DETECT_BATCH,
             compute=ray.data.ActorPoolStrategy(size=options.face_actors),
             fn_constructor_kwargs={"mode": options.faces, "options": options.face_options, **model_input},
-            num_cpus=1,
+            num_cpus=FACE_CPUS,
             runtime_env=runtime_env,
         )
     else:

@@ -76,32 +76,62 @@ def rclone_binary() -> str:
     return binary
 
 
+class RcloneProcess:
+    """``rclone serve s3`` over a folder, with SigV4 authentication; :meth:`stop` and :meth:`start` again (same
+    port, same files) stand for a storage outage."""
+
+    def __init__(self, root: Path, log: Path):
+        self.root, self.log, self.port = root, log, free_port()
+        self.server = S3Server(f"http://127.0.0.1:{self.port}")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            rclone_binary(),
+            "serve",
+            "s3",
+            str(self.root),
+            "--addr",
+            f"127.0.0.1:{self.port}",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--config",
+            "/dev/null",
+        ]
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        _wait_for_port(self.port, self.process, self.log)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def _rclone(tmp_path_factory) -> RcloneProcess:
+    return RcloneProcess(tmp_path_factory.mktemp("rclone-root"), tmp_path_factory.mktemp("rclone-log") / "rclone.log")
+
+
 @pytest.fixture(scope="module")
 def rclone_server(tmp_path_factory):
     """``rclone serve s3`` over a temporary folder, with SigV4 authentication."""
-    root = tmp_path_factory.mktemp("rclone-root")
-    log = tmp_path_factory.mktemp("rclone-log") / "rclone.log"
-    port = free_port()
-    command = [
-        rclone_binary(),
-        "serve",
-        "s3",
-        str(root),
-        "--addr",
-        f"127.0.0.1:{port}",
-        "--auth-key",
-        f"{ACCESS_KEY},{SECRET_KEY}",
-        "--config",
-        "/dev/null",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    rclone = _rclone(tmp_path_factory)
+    rclone.start()
     try:
-        _wait_for_port(port, process, log)
-        yield S3Server(f"http://127.0.0.1:{port}")
+        yield rclone.server
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        rclone.stop()
+
+
+@pytest.fixture
+def rclone_process(tmp_path_factory):
+    """An ``rclone serve s3`` of its own, for a test that stops and restarts it (an outage)."""
+    rclone = _rclone(tmp_path_factory)
+    rclone.start()
+    try:
+        yield rclone
+    finally:
+        if rclone.process.poll() is None:
+            rclone.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,13 @@ import dataclasses
 import functools
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,42 +174,118 @@ def test_manifest_with_carried_columns_and_evaluation_on_moto(
     assert f"accuracy {hand['accuracy']:.4f}" in result.report()
 
 
-def test_local_folder_and_resume_after_a_partial_run(tmp_path, capsys, ray_session, tiny_model_dir, real_faces):
-    """A folder of images; a first run that labeled only some of them; ``resume`` finishes the rest, once each."""
-    folder = tmp_path / "photos"
-    for index, local in enumerate(real_faces["image_uri"].tail(10)):
-        target = folder / ("a" if index % 2 else "b") / Path(local).name
+def killed_once_files_exist(argv: list[str], output: Path, files: int) -> dict[str, tuple[int, int]]:
+    """Run ``genderrec label`` in a process group of its own and SIGKILL the group (the driver and the local Ray it
+    started) as soon as ``files`` output files exist; the files left then: name → (size, mtime)."""
+    command = [sys.executable, "-m", "genderrec", "label", *argv]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    try:
+        while len(list(output.glob("part-*.parquet"))) < files:
+            assert process.poll() is None, f"the job ended ({process.returncode}) before {files} files were written"
+            assert time.monotonic() < deadline, "no output files within 600 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return {part.name: (part.stat().st_size, part.stat().st_mtime_ns) for part in output.glob("part-*.parquet")}
+
+
+def test_sigkill_mid_job_keeps_finished_files_and_resume_labels_the_rest(
+    tmp_path, capsys, ray_session, tiny_model_dir, real_faces
+):
+    """A folder of 1,201 tiny images, 40 per file: the job is SIGKILLed once 3 files exist; ``--resume`` keeps them
+    as they are and labels only the rest, every image exactly once."""
+    folder, blobs = tmp_path / "photos", {}
+    for index, local in enumerate(real_faces["image_uri"].head(20)):
+        buffer = io.BytesIO()
+        Image.open(local).resize((32, 40)).save(buffer, "JPEG")
+        blobs[index] = buffer.getvalue()
+    for copy in range(1200):
+        target = folder / ("a" if copy % 2 else "b/c") / f"{copy:04d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(local, target)
+        target.write_bytes(blobs[copy % 20])
     (folder / "b" / "empty.jpg").write_bytes(b"")
+    output = tmp_path / "labels"
+    argv = ["--model", str(tiny_model_dir), "--input", str(folder), "--output", str(output)]
+    argv += ["--batch-size", "20", "--rows-per-file", "40"]
+
+    kept = killed_once_files_exist(argv, output, files=3)
+    assert 3 <= len(kept) < 31  # 1,201 images in 31 files: the kill came part-way
+    before = read_labels(str(output))  # every file left is whole (a cut-short one would not read)
+    assert before["image_uri"].is_unique and len(before) < 1201
+
+    options = labeling.LabelingOptions(str(tiny_model_dir), str(folder), str(output), batch_size=20, resume=True)
+    result = labeling.label(options)
+    assert result.already_labeled == len(before) and result.labeled + result.errors == 1201 - len(before)
+    for name, stat in kept.items():  # the killed run's files, untouched
+        assert ((output / name).stat().st_size, (output / name).stat().st_mtime_ns) == stat
+
+    labels = read_labels(str(output))
     listed = storage.list_files(str(folder), images.IMAGE_SUFFIXES)
-    output = str(tmp_path / "labels")
-
-    # The partial output a crash leaves: the same pipeline, having labeled only the first 4 images.
-    first = tmp_path / "first.parquet"
-    pq.write_table(pa.table({"image_uri": listed[:4]}), first)
-    labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(first), output, batch_size=4))
-    earlier = {path: Path(path).read_bytes() for path in storage.list_files(output, (".parquet",))}
-
-    with pytest.raises(labeling.LabelingError, match="--resume"):
-        labeling.prepare(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output))
-    result = labeling.label(labeling.LabelingOptions(str(tiny_model_dir), str(folder), output, resume=True))
-    assert (result.rows_in, result.already_labeled, result.labeled + result.errors) == (11, 4, 7)
-    assert {path: Path(path).read_bytes() for path in earlier} == earlier  # first run's files untouched
-
-    labels = read_labels(output)
-    assert len(labels) == 11 and labels["image_uri"].is_unique and set(labels["image_uri"]) == set(listed)
-    assert labels.set_index("image_uri").loc[str(folder / "b" / "empty.jpg"), "error"] == "empty file (0 bytes)"
+    assert len(labels) == 1201 and labels["image_uri"].is_unique and set(labels["image_uri"]) == set(listed)
+    failed = labels[labels["error"].notna()]
+    assert list(failed["image_uri"]) == [str(folder / "b" / "empty.jpg")] and not failed["retryable"].any()
+    assert failed["error"].iloc[0] == "empty file (0 bytes)"
+    expected = expected_p_male(str(tiny_model_dir), list(blobs.values()))
     good = labels[labels["error"].isna()]
-    expected = expected_p_male(str(tiny_model_dir), [Path(uri).read_bytes() for uri in good["image_uri"]])
-    np.testing.assert_allclose(good["p_male"], expected, atol=1e-5)
+    copies = good["image_uri"].map(lambda uri: int(Path(uri).stem) % 20)
+    np.testing.assert_allclose(good["p_male"], expected[copies], atol=1e-5)
 
     # Once more through `genderrec label --config`: the file's resume: false loses to the --resume flag.
     config = tmp_path / "label.yaml"
     config.write_text(f"model: {tiny_model_dir}\ninput: {folder}\noutput: {output}\nbatch_size: 4\nresume: false\n")
     assert cli.main(["label", "--config", str(config), "--resume"]) == 0
-    assert "rows in: 11" in capsys.readouterr().out
-    assert len(read_labels(output)) == 11
+    assert "rows in: 1201  already labeled (resume): 1201" in capsys.readouterr().out
+    assert len(read_labels(str(output))) == 1201
+
+
+def test_storage_outage_mid_job_then_retry_errors(
+    rclone_process, monkeypatch, tmp_path, ray_session, tiny_model_dir, real_faces
+):
+    """Images on a real S3 server that is stopped once the job has started and started again once a file is
+    written: the failed reads are retryable error rows; ``--resume --retry-errors`` labels exactly those again."""
+    server = rclone_process.server
+    server.activate(monkeypatch)
+    server.create_bucket("photos")
+    blobs = {
+        f"s3://photos/day/{index:03d}.jpg": Path(local).read_bytes()
+        for index, local in enumerate(real_faces["image_uri"].head(24))
+    }
+    for uri, data in blobs.items():
+        storage.write_bytes(uri, data)
+    output = tmp_path / "labels"
+    options = labeling.LabelingOptions(
+        str(tiny_model_dir), "s3://photos/day/", str(output), batch_size=4, rows_per_file=4
+    )
+    plan = labeling.prepare(options)  # lists the prefix while the server is up
+    rclone_process.stop()
+    results = []
+    job = threading.Thread(target=lambda: results.append(labeling.run(plan)))
+    job.start()
+    while job.is_alive() and not list(output.glob("part-*.parquet")):
+        time.sleep(0.05)
+    rclone_process.start()
+    job.join()
+
+    (first,) = results
+    assert first.errors > 0 and first.retryable == first.errors
+    labels = read_labels(str(output))
+    assert len(labels) == len(blobs) and set(labels["image_uri"]) == set(blobs)
+    failed = labels[labels["error"].notna()]
+    assert len(failed) == first.errors and failed["retryable"].all() and failed["p_male"].isna().all()
+    assert failed["error"].str.startswith("cannot read").all()
+    assert "--resume --retry-errors" in first.report()
+
+    again = labeling.label(dataclasses.replace(options, resume=True, retry_errors=True))
+    assert (again.labeled, again.errors) == (len(failed), 0)
+    labels = read_labels(str(output))
+    assert len(labels) == len(blobs) and labels["image_uri"].is_unique and set(labels["image_uri"]) == set(blobs)
+    assert labels["error"].isna().all() and not labels["retryable"].any()
+    expected = expected_p_male(str(tiny_model_dir), [blobs[uri] for uri in labels["image_uri"]])
+    np.testing.assert_allclose(labels["p_male"], expected, atol=1e-5)
+    nothing_left = labeling.label(dataclasses.replace(options, resume=True, retry_errors=True))
+    assert nothing_left.files == 0 and nothing_left.already_labeled == len(blobs)
 
 
 def face_inputs(model_dir: str, data: bytes, options: faces.FaceOptions, mode: str) -> list[faces.FaceCrop]:
@@ -271,6 +351,45 @@ def test_faces_detect_and_auto_on_composite_photos(tmp_path, capsys, ray_session
     assert whole["face_source"] == faces.WHOLE_IMAGE and whole["face_index"] == 0 and whole["box"] is None
     (crop,) = face_inputs(model_dir, no_face_photo(), faces.FaceOptions(), "auto")
     assert whole["p_male"] == pytest.approx(p_male_of(model_dir, [crop.pixels])[0], abs=1e-5)
+
+
+def test_faces_detect_sigkill_and_resume_keeps_every_face_of_an_image_together(
+    tmp_path, ray_session, tiny_model_dir, celeba_dir
+):
+    """``--faces detect``, two photos per file, SIGKILLed once 2 files exist: after ``--resume`` each photo has all its
+    faces, once, in one file, and the killed run's files are untouched."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    composites = {name: layout(celeba_dir, name) for name in LAYOUTS}
+    expected = {}
+    for copy in range(3):
+        for name, composite in composites.items():
+            (folder / f"{name}-{copy}.jpg").write_bytes(composite.data)
+            expected[str(folder / f"{name}-{copy}.jpg")] = len(composite.boxes)
+        (folder / f"no-face-{copy}.jpg").write_bytes(no_face_photo())
+        expected[str(folder / f"no-face-{copy}.jpg")] = 0
+    output = tmp_path / "labels"
+    argv = ["--model", str(tiny_model_dir), "--input", str(folder), "--output", str(output), "--faces", "detect"]
+
+    kept = killed_once_files_exist([*argv, "--rows-per-file", "2", "--batch-size", "4"], output, files=2)
+    assert 2 <= len(kept) < len(expected) // 2
+    options = labeling.LabelingOptions(str(tiny_model_dir), str(folder), str(output), faces="detect", resume=True)
+    labeling.label(options)
+    for name, stat in kept.items():
+        assert ((output / name).stat().st_size, (output / name).stat().st_mtime_ns) == stat
+
+    fs_parts = {part.name: pq.read_table(part, columns=["image_uri"]) for part in output.glob("part-*.parquet")}
+    file_of = {uri: name for name, table in fs_parts.items() for uri in table["image_uri"].to_pylist()}
+    labels = read_labels(str(output))
+    assert set(labels["image_uri"]) == set(expected)
+    for uri, count in expected.items():
+        rows = labels[labels["image_uri"] == uri]
+        if count:
+            assert sorted(rows["face_index"]) == list(range(count)) and rows["error"].isna().all(), uri
+        else:
+            assert len(rows) == 1 and rows["error"].iloc[0] == faces.NO_FACE
+        in_files = {name for name, table in fs_parts.items() if uri in table["image_uri"].to_pylist()}
+        assert in_files == {file_of[uri]}  # all of an image's rows in one file
 
 
 def test_shipped_label_config_names_only_label_flags():

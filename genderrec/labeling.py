@@ -636,7 +636,11 @@ def build_dataset(plan: LabelingPlan):
     options, card = plan.options, plan.card
     env_vars = storage.s3_env_vars()
     runtime_env = {"env_vars": env_vars} if env_vars else None
-    dataset = ray.data.read_datasource(_ShardSource(plan), num_cpus=READ_CPUS, runtime_env=runtime_env)
+    # One read task at a time, and blocks kept in input order through every stage: shards then reach the writer one
+    # after the other and are written as the job goes (interleaved, every shard would complete near the end), and
+    # the writer holds about one shard's rows, not a part of every shard's.
+    dataset = ray.data.read_datasource(_ShardSource(plan), num_cpus=READ_CPUS, concurrency=1, runtime_env=runtime_env)
+    dataset.context.execution_options.preserve_order = True
     model_input = {"size": card.input_size, "crop_box": card.crop_box, "max_pixels": options.max_pixels}
     if options.detects_faces:
         dataset = dataset.map_batches(

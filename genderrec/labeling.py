@@ -532,14 +532,14 @@ class Predictor:
         _allow_gpu_memory_growth()
         loaded = bundle.ModelBundle.load(model_dir)
         # --threshold overrides the card's: the bundle names the classes at the threshold the job was given.
-        self.bundle = bundle.ModelBundle(loaded.model, loaded.card.model_copy(update={"threshold": threshold}))
+        self.bundle = dataclasses.replace(loaded, card=loaded.card.model_copy(update={"threshold": threshold}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         decoded = pc.is_null(batch["error"]).to_numpy(zero_copy_only=False)
         p_male = np.zeros(batch.num_rows, dtype=np.float64)
         if decoded.any():
             pixels = batch[_PIXELS].combine_chunks().to_numpy()[decoded]
-            p_male[decoded] = self.bundle.predict_proba(pixels, batch_size=len(pixels))
+            p_male[decoded] = self.bundle.predict_proba(pixels)
         outputs = {
             "image_uri": batch["image_uri"],
             "p_male": pa.array(p_male, pa.float64(), mask=~decoded),

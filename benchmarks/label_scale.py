@@ -170,11 +170,15 @@ def scale(args, work: Path, model_dir: Path) -> dict:
 
 def crash(args, work: Path, model_dir: Path) -> dict:
     source = manifest(work, args.rows, args.distinct, args.image_size, args.rows_per_file)
-    full = run_job(command(args, model_dir, source, work / "full"))
-    check_once(work / "full", args.rows)
+    if args.expected_s:  # T from an earlier uninterrupted run of the same job on this machine
+        full = {"wall_s": args.expected_s, "from": "--expected-s"}
+    else:
+        full = run_job(command(args, model_dir, source, work / "full"))
+        check_once(work / "full", args.rows)
     output = work / "crashed"
     killed = run_job(command(args, model_dir, source, output), kill_after=full["wall_s"] / 2)
     kept_rows, kept = output_rows(output)
+    print(json.dumps({"killed": killed, "files_kept": len(kept), "rows_kept": kept_rows}), flush=True)
     resumed = run_job(command(args, model_dir, source, output, "--resume"))
     check_once(output, args.rows)
     _, after = output_rows(output)
@@ -198,6 +202,7 @@ def main() -> None:
     parser.add_argument("mode", choices=("scale", "crash"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--rows", type=int, default=30_000, help="crash: rows of the job")
+    parser.add_argument("--expected-s", type=float, help="crash: the job's uninterrupted wall time, if measured")
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=1_000)
     parser.add_argument("--distinct", type=int, default=8, help="distinct JPEGs repeated in the manifest")

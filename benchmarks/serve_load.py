@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from genderrec import images, selection, serving
+from genderrec import bundle, serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers, shared with the tests
 from tests.helpers.net import free_port  # noqa: E402
@@ -34,10 +34,12 @@ CONCURRENCIES = (1, 8, 32)
 HOST = "127.0.0.1"  # loopback only
 
 
-def time_model(model, card: dict, blobs: list[bytes], batch_sizes, repeats: int) -> dict[int, dict[str, float]]:
+def time_model(
+    served: bundle.ModelBundle, blobs: list[bytes], batch_sizes, repeats: int
+) -> dict[int, dict[str, float]]:
     """Median milliseconds of ``model.predict`` and ``predict_on_batch`` per batch size, after warm-up calls."""
-    size, crop_box = tuple(card["input_size"]), card.get("crop_box")
-    faces = [images.load_image(blob, size, crop_box) for blob in blobs]
+    model = served.model
+    faces = [served.load_pixels(blob) for blob in blobs]
     timings = {}
     for batch_size in batch_sizes:
         batch = np.stack([faces[index % len(faces)] for index in range(batch_size)])
@@ -112,7 +114,7 @@ def run_setting(model_dir: str, port: int, max_batch_size: int, wait_s: float, b
     return rows
 
 
-def report(args, card: dict, raw: dict, rows: list[dict], load_before, load_after) -> str:
+def report(args, card: bundle.ModelCard, raw: dict, rows: list[dict], load_before, load_after) -> str:
     def model_ms(batch: float) -> float:
         """predict_on_batch time at this (mean) batch size, interpolated between the measured ones."""
         sizes = sorted(raw)
@@ -128,8 +130,8 @@ def report(args, card: dict, raw: dict, rows: list[dict], load_before, load_afte
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, Python {platform.python_version()}. "
         f"**Shared**: other jobs ran at the same time (load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after, on {os.cpu_count()} cores), so absolute numbers are pessimistic and noisy.",
-        f"- Model: `{card['name']}` ({card['architecture']}, {card['mode']}), input {card['input_size'][0]}x"
-        f"{card['input_size'][1]}; one replica, local Ray, loopback HTTP (127.0.0.1), one real CelebA face per request "
+        f"- Model: `{card.name}` ({card.architecture}, {card.mode}), input {card.input_size[0]}x"
+        f"{card.input_size[1]}; one replica, local Ray, loopback HTTP (127.0.0.1), one real CelebA face per request "
         f"(raw JPEG body); batching on = `max_batch_size={args.max_batch_size}`, `batch_wait_timeout_s={args.wait}`.",
         f"- Each cell: at most {args.requests} requests or {args.seconds} s after a warm-up; latency is client-side.",
         "",
@@ -192,9 +194,9 @@ def main() -> None:
     faces = sorted((Path(args.celeba_dir) / "img_align_celeba").glob("*.jpg"))[:16]
     blobs = [path.read_bytes() for path in faces]
     load_before = os.getloadavg()
-    model, card = selection.load_selected(model_dir)
+    served = bundle.ModelBundle.load(model_dir)
     powers_of_two = {2**power for power in range(args.max_batch_size.bit_length())}
-    raw = time_model(model, card, blobs, sorted(powers_of_two | {args.max_batch_size, 32}), args.repeats)
+    raw = time_model(served, blobs, sorted(powers_of_two | {args.max_batch_size, 32}), args.repeats)
     print(raw, flush=True)
 
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -208,7 +210,7 @@ def main() -> None:
 
         serve.shutdown()
         ray.shutdown()
-    text = report(args, card, raw, rows, load_before, os.getloadavg())
+    text = report(args, served.card, raw, rows, load_before, os.getloadavg())
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -32,7 +32,7 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from genderrec import faces, images, selection, storage
+from genderrec import bundle, faces, images, storage
 from genderrec.config import apply_override
 from genderrec.faces import FacesMode
 
@@ -218,9 +218,8 @@ class GenderClassifier:
     def __init__(self, args: ServeArgs):
         storage.configure_s3(args.s3_endpoint, args.s3_region)
         self.args = args
-        self.model, self.card = selection.load_selected(args.model)
-        self.input_size = tuple(self.card["input_size"])
-        self.crop_box = tuple(self.card["crop_box"]) if self.card.get("crop_box") else None
+        self.bundle = bundle.ModelBundle.load(args.model)
+        self.card = self.bundle.card
         self.failure: str | None = None
         self.face_options = faces.FaceOptions.model_validate(
             args.model_dump(include=set(faces.FaceOptions.model_fields))
@@ -233,7 +232,7 @@ class GenderClassifier:
         # Trace the predict function for batch sizes 1 and 2: Keras then generalises it to any batch size,
         # so no request pays for tracing.
         for size in (1, 2):
-            self.model.predict_on_batch(np.zeros((size, *self.input_size, 3), dtype=np.float32))
+            self.bundle.raw_proba(np.zeros((size, *self.card.input_size, 3), dtype=np.float32))
 
     def check_health(self):
         """Serve's periodic health check: a replica whose model fails on valid input is replaced."""
@@ -248,11 +247,11 @@ class GenderClassifier:
     def healthz(self) -> dict:
         if self.failure:
             raise HTTPException(503, self.failure)
-        return {"status": "ready", "model": self.card["name"]}
+        return {"status": "ready", "model": self.card.name}
 
     @app.get("/v1/model", summary="The model card: architecture, mode, input size, metrics, calibration")
     def model_card(self) -> dict:
-        return self.card
+        return self.card.model_dump(mode="json")
 
     @app.post(
         "/v1/predict",
@@ -287,9 +286,9 @@ class GenderClassifier:
         return PredictResponse(
             predictions=[
                 Prediction(
-                    label=self._label(p_male),
+                    label=self.bundle.label(p_male),
                     p_male=p_male,
-                    model=self.card["name"],
+                    model=self.card.name,
                     latency_ms=latency_ms,
                     batch_size=batch_size,
                 )
@@ -314,7 +313,7 @@ class GenderClassifier:
                         box=list(face.box) if face else None,
                         landmarks=face.landmarks.tolist() if face else None,
                         det_confidence=face.confidence if face else None,
-                        label=self._label(p_male),
+                        label=self.bundle.label(p_male),
                         p_male=p_male,
                         batch_size=batch_size,
                     )
@@ -322,20 +321,17 @@ class GenderClassifier:
             error = None if crops else faces.NO_FACE
             answers.append(ImageFaces(image=upload.name, width=width, height=height, faces=predictions, error=error))
         latency_ms = (time.perf_counter() - started) * 1000
-        return FacesResponse(faces=mode, model=self.card["name"], latency_ms=latency_ms, images=answers)
+        return FacesResponse(faces=mode, model=self.card.name, latency_ms=latency_ms, images=answers)
 
-    def _label(self, p_male: float) -> str:
-        female, male = self.card.get("class_names", selection.CLASS_NAMES)
-        return male if p_male >= self.card.get("threshold", 0.5) else female
-
-    def _decode(self, upload: Upload) -> np.ndarray:
+    def _decode(self, upload: Upload, decode=images.decode_image) -> np.ndarray:
         try:
-            return images.decode_image(upload.data, self.args.max_pixels)
+            return decode(upload.data, self.args.max_pixels)
         except images.ImageDecodeError as exc:
             raise HTTPException(422, f"{upload.name}: {exc}") from None
 
     def _decode_all(self, uploads: list[Upload]) -> list[np.ndarray]:
-        return [images.resize(self._decode(upload), self.input_size, self.crop_box) for upload in uploads]
+        """Each upload as the model's input, decoded as in training (the bundle's input size and crop box)."""
+        return [self._decode(upload, self.bundle.load_pixels) for upload in uploads]
 
     def _find_faces(self, uploads: list[Upload], mode: str) -> list[tuple[tuple[int, int], list[faces.FaceCrop]]]:
         """Each upload's (height, width) and model inputs: its faces, aligned (or, in auto mode, the whole image)."""
@@ -343,7 +339,9 @@ class GenderClassifier:
         found = []
         for rgb in rgbs:
             with self._detector_lock:
-                crops = faces.face_crops(rgb, self.detector, self.face_options, mode, self.input_size, self.crop_box)
+                crops = faces.face_crops(
+                    rgb, self.detector, self.face_options, mode, self.card.input_size, self.card.crop_box
+                )
             found.append((rgb.shape[:2], crops))
         return found
 
@@ -351,11 +349,10 @@ class GenderClassifier:
     async def _predict_batch(self, batch: list[np.ndarray]) -> list[tuple[float, int]]:
         """One model call for images gathered across requests; returns (calibrated p_male, batch size) each."""
         try:
-            outputs = await asyncio.to_thread(self.model.predict_on_batch, np.stack(batch))
+            p_male = await asyncio.to_thread(self.bundle.predict_proba, np.stack(batch))
         except Exception as exc:
             self.failure = f"model failed on a batch of {len(batch)} valid images: {exc!r}"
             raise
-        p_male = selection.apply_calibration(np.asarray(outputs).reshape(len(batch)), self.card)
         return [(float(value), len(batch)) for value in p_male]
 
 
@@ -371,7 +368,7 @@ def _model_dir(args: ServeArgs) -> str:
     """The model directory as replicas must see it (local paths made absolute), checked to hold a model card."""
     storage.configure_s3(args.s3_endpoint, args.s3_region)
     model_dir = args.model if storage.is_s3(args.model) else str(Path(args.model).expanduser().absolute())
-    selection.read_card(model_dir)  # a wrong path fails here, with its name, not in every replica
+    bundle.read_card(model_dir)  # a wrong path or an unreadable card fails here, with its name, not in every replica
     return model_dir
 
 

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from genderrec import images, selection, serving
+from genderrec import bundle, images, serving
 from genderrec.faces import NO_FACE, FaceOptions, face_crops
 from tests.helpers.chromium import chromium
 from tests.helpers.net import free_port
@@ -34,13 +34,12 @@ TEMPERATURE = 2.0
 
 @pytest.fixture(scope="module")
 def served_model(tiny_model_dir, tmp_path_factory):
-    """A copy of the tiny model directory whose card carries a calibration temperature."""
+    """A copy of the tiny model directory whose card carries a calibration temperature, and its loaded bundle."""
     model_dir = tmp_path_factory.mktemp("served") / "selected"
     shutil.copytree(tiny_model_dir, model_dir)
-    card = selection.read_card(str(model_dir))
-    selection.write_card(str(model_dir), {**card, "temperature": TEMPERATURE})
-    model, card = selection.load_selected(str(model_dir))
-    return model_dir, model, card
+    card = bundle.read_card(str(model_dir))
+    bundle.write_card(str(model_dir), card.model_copy(update={"temperature": TEMPERATURE}))
+    return model_dir, bundle.ModelBundle.load(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +120,8 @@ def faces(real_faces):
 
 def expected_p_male(served_model, datas) -> np.ndarray:
     """What the app must answer: the card's calibration applied to `model.predict` on the shared decoder's pixels."""
-    _, model, card = served_model
-    pixels = np.stack([images.load_image(data, tuple(card["input_size"]), card["crop_box"]) for data in datas])
-    return selection.apply_calibration(model.predict(pixels, verbose=0)[:, 0], card)
+    served = served_model[1]
+    return served.predict_proba(np.stack([served.load_pixels(data) for data in datas]))
 
 
 def predict(client: httpx.Client, **request) -> list[dict]:
@@ -156,7 +154,7 @@ def test_settings_merge_the_config_overrides_and_flags(tiny_model_dir, monkeypat
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 1, 16)
     assert settings.url == "http://127.0.0.1:9000/"
     assert serving.settings(model=str(tiny_model_dir)).url == "http://127.0.0.1:8000/"  # no config: loopback
-    with pytest.raises(FileNotFoundError, match="no card.json"):
+    with pytest.raises(bundle.BundleError, match="no card.json"):
         serving.settings(str(SERVE_CONFIG))  # its model, runs/local/selected, is not under the test's folder
 
 
@@ -165,7 +163,7 @@ def test_builder_args_are_strict(tmp_path):
         serving.ServeArgs.model_validate({"model": "m", "max_batch_sise": 8})
     with pytest.raises(ValueError, match="not both"):
         serving.ServeArgs(model="m", num_replicas=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
-    with pytest.raises(FileNotFoundError, match="no card.json"):
+    with pytest.raises(bundle.BundleError, match="no card.json"):
         serving.app_builder({"model": str(tmp_path)})
     broken = tmp_path / "serve.yaml"
     broken.write_text(SERVE_CONFIG.read_text().replace("max_batch_size:", "max_batch:"))
@@ -191,7 +189,7 @@ def test_builder_sets_replica_options(ray_session, tiny_model_dir):
 
 def test_predictions_equal_model_predict(base_url, served_model, faces):
     expected = expected_p_male(served_model, [data for _, data in faces])
-    card = served_model[2]
+    card = served_model[1].card
     with httpx.Client(base_url=base_url, timeout=120) as client:
         files = [("image", (name, data, "image/jpeg")) for name, data in faces]
         several = predict(client, files=files)
@@ -200,14 +198,14 @@ def test_predictions_equal_model_predict(base_url, served_model, faces):
     assert np.allclose([item["p_male"] for item in several], expected, atol=1e-5, rtol=0)
     assert np.allclose([item["p_male"] for item in raw], expected[:2], atol=1e-5, rtol=0)
     for item, p_male in zip(several, expected, strict=True):
-        assert item["label"] == ("male" if p_male >= card["threshold"] else "female")
-        assert item["model"] == card["name"] and item["latency_ms"] > 0 and item["batch_size"] >= 1
+        assert item["label"] == ("male" if p_male >= card.threshold else "female")
+        assert item["model"] == card.name and item["latency_ms"] > 0 and item["batch_size"] >= 1
 
 
 def test_health_card_docs_and_nothing_else(base_url, served_model):
     with httpx.Client(base_url=base_url, timeout=60) as client:
         assert client.get("/healthz").json() == {"status": "ready", "model": "googlenet_fine_tune"}
-        assert client.get("/v1/model").json() == served_model[2]
+        assert client.get("/v1/model").json() == served_model[1].card.model_dump(mode="json")
         docs = client.get("/docs").text
         assert "swagger-ui" in docs and "http://" not in docs and "https://" not in docs  # no CDN: works offline
         assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
@@ -297,8 +295,8 @@ def test_face_settings_are_checked(tiny_model_dir):
 
 
 def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_model, celeba_dir):
-    _, model, card = served_model
-    size = tuple(card["input_size"])
+    served = served_model[1]
+    card, size = served.card, served.card.input_size
     group, single = layout(celeba_dir, "three-faces-exif"), layout(celeba_dir, "one-face")
     files = [
         ("image", (name, data, "image/jpeg"))
@@ -311,7 +309,7 @@ def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_mo
         wrong = client.post("/v1/predict?faces=all", content=single.data)
     assert detect.status_code == 200, detect.text
     body = detect.json()
-    assert body["faces"] == "detect" and body["model"] == card["name"] and body["latency_ms"] > 0
+    assert body["faces"] == "detect" and body["model"] == card.name and body["latency_ms"] > 0
     group_result, nobody, single_result = body["images"]
     assert group_result["image"] == "file 'group.jpg' (field 'image')"
     assert (group_result["width"], group_result["height"]) == (720, 480)  # upright: EXIF applied
@@ -323,14 +321,12 @@ def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_mo
         for known, index in zip(composite.boxes, match(boxes, composite.boxes), strict=True):
             assert iou(boxes[index], known) >= 0.5
         crops = face_crops(images.decode_image(composite.data), detector(), FaceOptions(), "detect", size)
-        expected = selection.apply_calibration(
-            model.predict(np.stack([c.pixels for c in crops]), verbose=0)[:, 0], card
-        )
+        expected = served.predict_proba(np.stack([c.pixels for c in crops]))
         np.testing.assert_allclose([face["p_male"] for face in found], expected, atol=1e-5)
         np.testing.assert_allclose([face["landmarks"] for face in found], [c.face.landmarks for c in crops], atol=1e-3)
         for face in found:
             assert face["face_source"] == "detected" and face["det_confidence"] >= 0.9 and face["batch_size"] >= 1
-            assert face["label"] == ("male" if face["p_male"] >= card["threshold"] else "female")
+            assert face["label"] == ("male" if face["p_male"] >= card.threshold else "female")
 
     assert auto.status_code == 200, auto.text
     (whole,) = auto.json()["images"][0]["faces"]

@@ -159,10 +159,11 @@ def cmd_serve(args) -> int:
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
-    stop_on_ctrl_c_or_sigterm()  # while the app starts too, so that it is shut down rather than left half deployed
+    stop_on_ctrl_c_or_sigterm()  # while Ray starts
     init_ray(args.address)
     try:
-        url = serving.start(settings)
+        stop_on_ctrl_c_or_sigterm()  # ray.init set its own SIGTERM handler (sys.exit, which would leave the app deployed)
+        url = serving.start(settings)  # what `serve run` does with the config
         print(f"serving at {url} (API docs: {url.rstrip('/')}/docs); Ctrl-C or SIGTERM stops it")
         stop_on_ctrl_c_or_sigterm()
         while True:
@@ -175,8 +176,9 @@ def cmd_serve(args) -> int:
 def stop_on_ctrl_c_or_sigterm() -> None:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, and unblock both.
 
-    Called again once Ray and Serve run, so that nothing they set up in between decides it: processes that Ray starts
-    have SIGINT blocked (ray/_private/services.py) and pass that mask on. The caller sleeps in 1-second steps, so a
+    Called again once Ray runs and once Serve runs, so that nothing they set up in between decides it: ``ray.init``
+    makes SIGTERM call ``sys.exit``, and processes that Ray starts have SIGINT blocked (ray/_private/services.py) and
+    pass that mask on. The caller sleeps in 1-second steps, so a
     signal delivered to one of Ray's threads still interrupts the main thread within a second.
     """
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -8,12 +8,17 @@ detector once, and every face found is aligned CelebA-style (:mod:`genderrec.fac
 landmarks returned with it; ``faces=aligned`` (the default) takes the image as a CelebA-like crop, as before. Bad input is answered with a status and a sentence naming the image and the problem, and
 never touches the model, so the replica stays healthy. Only the API, its docs and the page are served.
 
+Under overload the service refuses what it cannot serve instead of queueing without bound: Serve's proxy answers 503
+with ``Retry-After`` beyond ``max_ongoing_requests`` per replica plus ``max_queued_requests``, and a request not
+answered within ``request_timeout_s`` gets 504; a refused body is drained (boundedly) so that its 413 arrives.
+
 ``app_builder`` is the application builder that ``serve run configs/serve.yaml``, ``serve deploy`` and
-``genderrec serve`` call with the ``args`` of the config.
+``genderrec serve`` (:func:`settings` and :func:`start`: ``serve run``'s steps on one config) call with its ``args``.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations (Request) at runtime.
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,10 +32,11 @@ from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
-from ray.serve.config import AutoscalingConfig
+from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from genderrec import bundle, faces, images, storage
 from genderrec.config import apply_override
@@ -56,7 +62,14 @@ class ServeArgs(faces.FaceOptions):
     faces: FacesMode = Field(default="aligned", description="faces mode of requests without ?faces=")
     max_batch_size: int = Field(default=16, ge=1, description="most images per model call; 1 turns batching off")
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="longest wait for a batch to fill")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="requests a replica accepts at once")
+    max_ongoing_requests: int = Field(default=32, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(
+        default=32, ge=1, description="requests waiting for a replica (per proxy); more get 503 at once"
+    )
+    retry_after_s: float = Field(default=1.0, ge=0, description="the Retry-After of 503s (whole seconds, rounded up)")
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request not answered within it (body upload included) gets 504"
+    )
     num_replicas: int | None = Field(default=None, ge=1, description="a fixed replica count (else autoscaling)")
     autoscaling_config: AutoscalingConfig | None = None
     num_cpus: float = Field(default=1.0, ge=0)
@@ -74,6 +87,8 @@ class ServeArgs(faces.FaceOptions):
             raise ValueError("set num_replicas (fixed) or autoscaling_config, not both")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size must not exceed max_ongoing_requests (batches could never fill)")
+        if self.request_timeout_s <= self.batch_wait_timeout_s:
+            raise ValueError("request_timeout_s must exceed batch_wait_timeout_s (every request would time out)")
         return self
 
 
@@ -117,6 +132,11 @@ class FacesResponse(BaseModel):
     images: list[ImageFaces] = Field(description="one per image, in request order")
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header: whole seconds, rounded up (as Serve writes it on its own 503s)."""
+    return {"Retry-After": str(math.ceil(seconds))}
+
+
 class Upload(NamedTuple):
     name: str  # how errors name it: "request body" or "file 'x.jpg' (field 'image')"
     data: bytes
@@ -130,12 +150,33 @@ def _is_image_type(media_type: str) -> bool:
     return media_type.startswith("image/") or media_type in RAW_MEDIA_TYPES
 
 
-async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    """Pass the body through, refusing it (413) as soon as it grows over ``max_bytes``."""
-    received = 0
-    async for chunk in stream:
+async def _drain(request: Request, max_bytes: int) -> None:
+    """Read and drop the rest of a refused body, up to ``max_bytes``, before the answer is sent.
+
+    A server that answers and closes while the client is still sending makes the client's TCP stack reset the
+    connection, and many clients (Python's urllib among them) then report the reset instead of the answer; nginx
+    lingers and drains a bounded amount for the same reason.
+    """
+    drained = 0
+    while drained <= max_bytes:
+        message = await request.receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
+
+
+async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused (413) as soon as it grows over ``max_bytes``; up to as much again is drained."""
+    received, more = 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         received += len(chunk)
         if received > max_bytes:
+            if more:
+                await _drain(request, max_bytes)
             raise HTTPException(413, f"request body is over the limit of {max_bytes} bytes")
         yield chunk
 
@@ -144,9 +185,10 @@ async def read_uploads(request: Request, max_bytes: int) -> list[Upload]:
     """The images of a predict request, in order: each multipart file, or the whole body as one image."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
+        await _drain(request, max_bytes)
         raise HTTPException(413, f"request body is {declared} bytes, over the limit of {max_bytes} bytes")
     media_type = _media_type(request.headers.get("content-type", RAW_MEDIA_TYPES[0]))
-    body = _limited(request.stream(), max_bytes)
+    body = _limited(request, max_bytes)
     if media_type == "multipart/form-data":
         return await _multipart_uploads(request.headers, body)
     if not _is_image_type(media_type):
@@ -201,10 +243,14 @@ _PREDICT_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
+                    "required": ["image"],
                 }
             },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}},
         },
     }
 }
@@ -263,6 +309,8 @@ class GenderClassifier:
             413: {"description": "request body over the size limit"},
             415: {"description": "not an image content type"},
             422: {"description": "corrupt image, or too many pixels (decompression bomb)"},
+            503: {"description": "the service is saturated (its queue is full): retry after Retry-After seconds"},
+            504: {"description": "not answered within request_timeout_s: retry after Retry-After seconds"},
         },
     )
     async def predict(
@@ -276,7 +324,18 @@ class GenderClassifier:
         ),
     ) -> PredictResponse | FacesResponse:
         started = time.perf_counter()
-        mode = faces_mode or self.args.faces
+        try:
+            async with asyncio.timeout(self.args.request_timeout_s):
+                return await self._predict(request, faces_mode or self.args.faces, started)
+        except TimeoutError:
+            raise HTTPException(
+                504,
+                f"not answered within {self.args.request_timeout_s:g} s: the service is saturated or the upload too "
+                "slow; retry after the Retry-After seconds, with backoff",
+                headers=retry_after(self.args.retry_after_s),
+            ) from None
+
+    async def _predict(self, request: Request, mode: str, started: float) -> PredictResponse | FacesResponse:
         uploads = await read_uploads(request, self.args.max_body_bytes)
         if mode != "aligned":
             return await self._predict_faces(uploads, mode, started)
@@ -386,6 +445,9 @@ def app_builder(args: ServeArgs) -> serve.Application:
         actor_options["runtime_env"] = {"env_vars": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}}
     deployment = GenderClassifier.options(
         max_ongoing_requests=args.max_ongoing_requests,
+        # Beyond the bounded queue Serve's proxy answers 503 at once, without touching a replica.
+        max_queued_requests=args.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         health_check_period_s=args.health_check_period_s,
         health_check_timeout_s=args.health_check_timeout_s,
         ray_actor_options=actor_options,
@@ -406,50 +468,73 @@ def read_config(path: str) -> ServeDeploySchema:
     return config
 
 
-def application(config: ServeDeploySchema, source: str = "<config>") -> ServeApplicationSchema:
-    """The config's application that runs this module (its ``args`` checked against :class:`ServeArgs`)."""
+def _ours(config: ServeDeploySchema, source: str) -> ServeApplicationSchema:
     ours = [app for app in config.applications if app.import_path == IMPORT_PATH]
     if not ours:
         raise ValueError(f"{source}: no application with import_path {IMPORT_PATH}")
-    try:
-        ServeArgs.model_validate(ours[0].args)
-    except ValueError as exc:
-        raise ValueError(f"{source}: application {ours[0].name!r} args: {exc}") from None
     return ours[0]
 
 
-class ServeSettings(NamedTuple):
-    """What ``genderrec serve`` deploys: builder args, Serve's HTTP options, application name and route."""
+def application(config: ServeDeploySchema, source: str = "<config>") -> ServeApplicationSchema:
+    """The config's application that runs this module (its ``args`` checked against :class:`ServeArgs`)."""
+    app = _ours(config, source)
+    try:
+        ServeArgs.model_validate(app.args)
+    except ValueError as exc:
+        raise ValueError(f"{source}: application {app.name!r} args: {exc}") from None
+    return app
 
+
+# What `genderrec serve` runs without --config: configs/serve.yaml's shape, loopback only.
+DEFAULT_CONFIG = {
+    "proxy_location": "HeadOnly",
+    "http_options": {"host": "127.0.0.1", "port": 8000},
+    "applications": [{"name": "genderrec", "route_prefix": "/", "import_path": IMPORT_PATH, "args": {}}],
+}
+
+
+class ServeSettings(NamedTuple):
+    """What ``genderrec serve`` runs: a Serve config as ``serve run`` reads it, with our one app, and its args."""
+
+    config: ServeDeploySchema
     args: ServeArgs
-    http_options: dict
-    name: str = "genderrec"
-    route_prefix: str = "/"
+
+    @property
+    def app(self) -> ServeApplicationSchema:
+        return self.config.applications[0]
 
     @property
     def url(self) -> str:
-        return f"http://{self.http_options['host']}:{self.http_options['port']}{self.route_prefix}"
+        http = self.config.http_options
+        return f"http://{http.host}:{http.port}{self.app.route_prefix or '/'}"
 
 
 def settings(config_path: str | None = None, overrides=(), *, host=None, port=None, **arg_values) -> ServeSettings:
-    """Settings from a Serve config file (or the defaults, 127.0.0.1:8000), then ``key.sub=value`` overrides of its
-    args, then ``arg_values`` and ``host``/``port`` (None: keep); checked, model card included, before Ray starts."""
-    app_args, http, name, route_prefix = {}, {"host": "127.0.0.1", "port": 8000}, "genderrec", "/"
-    if config_path:
-        config = read_config(config_path)
-        app = application(config, config_path)
-        app_args, name, route_prefix = dict(app.args), app.name, app.route_prefix or "/"
-        http = {"host": config.http_options.host, "port": config.http_options.port}
+    """Settings from a Serve config file (or :data:`DEFAULT_CONFIG`), then ``key.sub=value`` overrides of its args,
+    then ``arg_values`` and ``host``/``port`` (None: keep); checked, model card included, before Ray starts."""
+    config = read_config(config_path) if config_path else ServeDeploySchema.model_validate(DEFAULT_CONFIG)
+    app = _ours(config, config_path or "<defaults>")
+    app_args = dict(app.args)
     for override in overrides:
         apply_override(app_args, override)
     app_args.update({key: value for key, value in arg_values.items() if value is not None})
-    http.update({key: value for key, value in {"host": host, "port": port}.items() if value is not None})
     args = ServeArgs.model_validate(app_args)
-    return ServeSettings(args.model_copy(update={"model": _model_dir(args)}), http, name, route_prefix)
+    args = args.model_copy(update={"model": _model_dir(args)})
+    http = {key: value for key, value in {"host": host, "port": port}.items() if value is not None}
+    config = config.model_copy(
+        update={
+            "http_options": config.http_options.model_copy(update=http),
+            "applications": [app.model_copy(update={"args": args.model_dump(mode="json", exclude_unset=True)})],
+        }
+    )
+    return ServeSettings(config, args)
 
 
 def start(settings: ServeSettings) -> str:
-    """Start Serve's HTTP proxy and deploy the app on the connected Ray, as ``serve run`` would; returns its URL."""
-    serve.start(http_options=settings.http_options)
-    serve.run(app_builder(settings.args), name=settings.name, route_prefix=settings.route_prefix)
+    """Do what ``serve run`` does with a config file (ray/serve/scripts.py) on the connected Ray: start Serve with the
+    config's proxy location and HTTP options, then deploy the app that :func:`app_builder` builds from its args.
+    Returns the app's URL once it is running."""
+    config = settings.config
+    serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump())
+    serve.run(app_builder(settings.args), name=settings.app.name, route_prefix=settings.app.route_prefix)
     return settings.url

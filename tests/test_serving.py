@@ -7,9 +7,12 @@ tiny test model with a temperature in its card, so every comparison also checks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,15 +45,9 @@ def served_model(tiny_model_dir, tmp_path_factory):
     return model_dir, bundle.ModelBundle.load(str(model_dir))
 
 
-@pytest.fixture(scope="module")
-def base_url(ray_session, served_model, tmp_path_factory):
-    """`genderrec serve` started as a user would, on the session's Ray; stopped with Ctrl-C (SIGINT) at the end."""
-    from ray import serve
-
-    model_dir = served_model[0]
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "genderrec-serve.log"
-    command = [
+def serve_command(model_dir: Path, port: int, *extra: str) -> list[str]:
+    """`genderrec serve` with configs/serve.yaml and one replica, as a user would start it."""
+    return [
         sys.executable,
         "-m",
         "genderrec",
@@ -61,30 +58,53 @@ def base_url(ray_session, served_model, tmp_path_factory):
         str(model_dir),
         "--port",
         str(port),
+        "--set",
+        "autoscaling_config.max_replicas=1",
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, log: Path, stop: signal.Signals, env: dict | None = None):
+    """Start the command, yield its URL once /healthz answers 200, then stop it with a real ``stop`` signal: it must
+    exit with 0 (Serve shut down) within 120 s."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, process, log)
+        yield url
+    finally:
+        process.send_signal(stop)
+        try:
+            code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            code = f"killed after 120 s; its threads were:\n{_stacks(process.pid)}"
+            process.kill()
+    assert code == 0, f"genderrec serve did not stop cleanly on {stop.name} ({code}); log: {log}"
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_session, served_model, tmp_path_factory):
+    """`genderrec serve` on the session's Ray (Serve's overload defaults of configs/serve.yaml), stopped with Ctrl-C."""
+    from ray import serve
+
+    port = free_port()
+    command = serve_command(
+        served_model[0],
+        port,
         "--address",
         ray_session.get_runtime_context().gcs_address,
         "--set",
         "max_batch_size=8",
         "--set",
         "batch_wait_timeout_s=0.05",
-        "--set",
-        "autoscaling_config.max_replicas=1",
-    ]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    )
     try:
-        _wait_until_healthy(url, process, log)
-        yield url
+        with running(command, port, tmp_path_factory.mktemp("serve") / "genderrec-serve.log", signal.SIGINT) as url:
+            yield url
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            code = f"killed after 120 s; its threads were:\n{_stacks(process.pid)}"
-            process.kill()
         serve.shutdown()  # a no-op when Ctrl-C already shut Serve down
-    assert code == 0, f"genderrec serve did not stop cleanly on Ctrl-C ({code}); log: {log}"
 
 
 def _stacks(pid: int) -> str:
@@ -153,6 +173,9 @@ def test_settings_merge_the_config_overrides_and_flags(tiny_model_dir, monkeypat
     scaling = settings.args.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 1, 16)
     assert settings.url == "http://127.0.0.1:9000/"
+    # What `serve run` would read: the config, with the flags applied and the model made absolute.
+    assert settings.config.http_options.port == 9000 and settings.config.http_options.request_timeout_s == 15
+    assert settings.app.args["model"] == str(tiny_model_dir) and settings.app.args["max_batch_size"] == 8
     assert serving.settings(model=str(tiny_model_dir)).url == "http://127.0.0.1:8000/"  # no config: loopback
     with pytest.raises(bundle.BundleError, match="no card.json"):
         serving.settings(str(SERVE_CONFIG))  # its model, runs/local/selected, is not under the test's folder
@@ -163,6 +186,8 @@ def test_builder_args_are_strict(tmp_path):
         serving.ServeArgs.model_validate({"model": "m", "max_batch_sise": 8})
     with pytest.raises(ValueError, match="not both"):
         serving.ServeArgs(model="m", num_replicas=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    with pytest.raises(ValueError, match="request_timeout_s must exceed batch_wait_timeout_s"):
+        serving.ServeArgs(model="m", batch_wait_timeout_s=1, request_timeout_s=0.5)
     with pytest.raises(bundle.BundleError, match="no card.json"):
         serving.app_builder({"model": str(tmp_path)})
     broken = tmp_path / "serve.yaml"
@@ -178,6 +203,8 @@ def test_builder_sets_replica_options(ray_session, tiny_model_dir):
     shared_gpu = serving.app_builder({**args, "num_gpus": 0.5, "autoscaling_config": {"max_replicas": 3}})
     deployment = shared_gpu._bound_deployment  # what Serve deploys (Serve's own tests read it the same way)
     assert deployment.max_ongoing_requests == 32
+    assert deployment._deployment_config.max_queued_requests == 32  # the default bound
+    assert deployment.backpressure_config.status_code == 503 and deployment.backpressure_config.retry_after_s == 1
     assert deployment._deployment_config.health_check_period_s == 5
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment.ray_actor_options["num_gpus"] == 0.5
@@ -337,7 +364,7 @@ def test_faces_detect_and_auto_return_each_face_with_its_box(base_url, served_mo
 
 def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     face = celeba_dir / "img_align_celeba" / faces[0][0]
     with httpx.Client(base_url=base_url, timeout=120) as client:
@@ -348,6 +375,8 @@ def test_page_in_headless_chromium(base_url, faces, celeba_dir, tmp_path):
         driver.get(base_url + "/")
         wait = WebDriverWait(driver, 120)
         wait.until(lambda d: "googlenet_fine_tune" in d.find_element(By.ID, "model").text)
+        assert Select(driver.find_element(By.ID, "mode")).first_selected_option.get_attribute("value") == "auto"
+        Select(driver.find_element(By.ID, "mode")).select_by_value("aligned")  # the face is a CelebA crop
         driver.find_element(By.ID, "file").send_keys(str(face))
         wait.until(lambda d: d.find_element(By.ID, "label").text)
         assert driver.find_element(By.ID, "label").text == expected_label
@@ -411,3 +440,226 @@ def test_page_draws_each_face_with_its_label(base_url, celeba_dir, tmp_path):
         assert driver.find_element(By.ID, "error").text == ""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "page-faces.png"))
+
+
+# ------------------------------------------------------------------------------- overload, time-outs, faults
+
+
+def config_args() -> serving.ServeArgs:
+    return serving.ServeArgs.model_validate(serving.application(serving.read_config(str(SERVE_CONFIG))).args)
+
+
+def proxy_timeout_s() -> float:
+    return serving.read_config(str(SERVE_CONFIG)).http_options.request_timeout_s
+
+
+def test_openapi_says_an_image_is_required(base_url):
+    body = httpx.get(f"{base_url}/openapi.json", timeout=60).json()["paths"]["/v1/predict"]["post"]["requestBody"]
+    assert body["required"] is True
+    multipart = body["content"]["multipart/form-data"]["schema"]
+    assert multipart["required"] == ["image"] and multipart["properties"]["image"]["minItems"] == 1
+    assert body["content"]["image/*"]["schema"]["minLength"] == 1
+    assert {"503", "504"} <= set(
+        httpx.get(f"{base_url}/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]
+    )
+
+
+def test_body_over_the_limit_sent_whole_by_urllib_gets_413(base_url):
+    """urllib sends all 11 MB before it reads the answer: the server must drain the body, not reset the connection."""
+    import urllib.error
+    import urllib.request
+
+    body = b"\0" * (11 * 1024 * 1024)
+    for _ in range(4):
+        request = urllib.request.Request(f"{base_url}/v1/predict", data=body, headers={"content-type": "image/jpeg"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=60)
+        assert answer.value.code == 413
+        assert "over the limit of 10485760 bytes" in answer.value.read().decode()
+
+
+def test_burst_over_the_queue_bound_gets_503_with_retry_after_and_nothing_hangs(base_url, faces):
+    args = config_args()
+    bound = args.max_ongoing_requests + args.max_queued_requests  # one replica: what Serve lets in at once
+    count = 5 * bound
+
+    async def burst():
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+
+            async def one(number):
+                started = time.perf_counter()
+                response = await client.post("/v1/predict", content=faces[number % len(faces)][1])
+                return response, time.perf_counter() - started
+
+            return await asyncio.gather(*(one(number) for number in range(count)))
+
+    answers = asyncio.run(burst())  # a client time-out (60 s) would raise here
+    statuses = [response.status_code for response, _ in answers]
+    refused = [(response, seconds) for response, seconds in answers if response.status_code == 503]
+    accepted = [seconds for response, seconds in answers if response.status_code == 200]
+    print(f"burst of {count}: {len(accepted)} answered, {len(refused)} refused; slowest answer {max(accepted):.1f} s")
+    assert set(statuses) == {200, 503}, statuses
+    assert len(accepted) >= args.max_ongoing_requests
+    for response, _ in refused:
+        assert response.headers["retry-after"] == str(int(args.retry_after_s))
+        assert "backpressure" in response.text and f"max_queued_requests={args.max_queued_requests}" in response.text
+    assert max(accepted) < proxy_timeout_s()
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        assert len(predict(client, content=faces[0][1])) == 1
+
+
+@contextlib.contextmanager
+def stalled_uploads(base_url: str, count: int):
+    """``count`` uploads that send their headers and then nothing, and one more every 0.2 s while the block runs: each
+    holds a place in the replica or in Serve's queue until the server answers it, so the server stays saturated.
+    Yields the growing list of (socket, monotonic time it was opened) and the event that stops the refill; the
+    sockets are closed at the end."""
+    import threading
+
+    host, port = base_url.removeprefix("http://").split(":")
+    uploads, stop = [], threading.Event()
+
+    def open_one():
+        sock = socket.create_connection((host, int(port)), timeout=60)
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
+        )
+        uploads.append((sock, time.monotonic()))
+
+    def refill():
+        while not stop.wait(0.2):
+            open_one()
+
+    for _ in range(count):
+        open_one()
+    thread = threading.Thread(target=refill)
+    thread.start()
+    try:
+        yield uploads, stop
+    finally:
+        stop.set()
+        thread.join()
+        for sock, _ in uploads:
+            sock.close()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, str]:
+    """The status, headers and body of the answer to a stalled upload (read by http.client: Serve's own 503 and 408
+    are chunked); a server that never answers ends in the socket's time-out."""
+    import http.client
+
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    headers = "".join(f"{name}: {value}\n" for name, value in response.getheaders())
+    return response.status, headers + response.read().decode(errors="replace")
+
+
+def test_saturated_server_503_on_the_page_and_stalled_uploads_time_out(base_url, faces, celeba_dir, tmp_path):
+    """Uploads that never send their body fill the replica and the queue: the page's upload then gets 503, shown in
+    words, and each stalled upload gets its answer (504 from the app, or 408 from Serve's proxy), none is left open."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    args = config_args()
+    face = celeba_dir / "img_align_celeba" / faces[0][0]
+    with chromium(tmp_path / "chromium-profile") as driver:
+        driver.get(base_url + "/")
+        wait = WebDriverWait(driver, 120)
+        wait.until(lambda d: "googlenet_fine_tune" in d.find_element(By.ID, "model").text)
+        Select(driver.find_element(By.ID, "mode")).select_by_value("aligned")
+        bound = args.max_ongoing_requests + args.max_queued_requests
+        with stalled_uploads(base_url, 2 * bound) as (uploads, stop_refill):
+            # The uploads beyond the replica's and the queue's places are refused at once: then the server is full.
+            sockets = [sock for sock, _ in uploads]
+            readable, _, _ = select.select(sockets, [], [], args.request_timeout_s)
+            assert readable, "no stalled upload was refused: they did not fill the replica and the queue"
+            driver.find_element(By.ID, "file").send_keys(str(face))
+            wait.until(lambda d: d.find_element(By.ID, "error").text)
+            error = driver.find_element(By.ID, "error").text
+            driver.save_screenshot(str(tmp_path / "page-503.png"))
+            assert "saturated" in error and "HTTP 503" in error and f"Try again in {int(args.retry_after_s)} s" in error
+            assert faces[0][0] in error
+            stop_refill.set()
+            time.sleep(0.5)  # the refill's last upload
+            answers = []
+            for sock, opened in list(uploads):
+                sock.settimeout(max(0.5, opened + proxy_timeout_s() + 15 - time.monotonic()))
+                answers.append((*read_answer(sock), time.monotonic() - opened))
+    statuses = sorted(status for status, _, _ in answers)
+    print(f"stalled uploads: {statuses}, last answered after {max(seconds for *_, seconds in answers):.1f} s")
+    assert set(statuses) <= {503, 504, 408} and 504 in statuses and 503 in statuses
+    timed_out = [text for status, text, _ in answers if status == 504]
+    assert all(f"not answered within {args.request_timeout_s:g} s" in text for text in timed_out)
+    assert "retry-after: 1" in timed_out[0].lower()
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        assert len(predict(client, content=faces[0][1])) == 1
+        assert client.get("/healthz").status_code == 200
+
+
+def replica_pids() -> list[int]:
+    """PIDs of the live replicas, from Ray's actor table (``ray.util.state`` needs the dashboard, which the tests'
+    Ray runs without)."""
+    from ray._private import state
+
+    return [
+        actor["Pid"]
+        for actor in state.actors().values()
+        if actor["State"] == "ALIVE" and actor["ActorClassName"].endswith(":GenderClassifier")
+    ]
+
+
+RECOVERY_BOUND_S = 240  # a new replica imports TensorFlow and loads the model: 30 s on a loaded 2-core machine
+
+
+def test_sigkilled_replica_is_replaced_and_no_request_hangs(ray_session, base_url, faces):
+    import os
+    import threading
+
+    (pid,) = replica_pids()
+    outcomes, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=base_url, timeout=60) as session:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = session.post("/v1/predict", content=faces[0][1]).status_code
+                except httpx.HTTPError as exc:
+                    status = repr(exc)
+                outcomes.append((started, time.monotonic() - started, status))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while not any(status == 200 for *_, status in outcomes):
+        time.sleep(0.1)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while not any(started > killed and status == 200 for started, _, status in outcomes):
+        assert time.monotonic() - killed < RECOVERY_BOUND_S, f"no answer {RECOVERY_BOUND_S} s after the kill"
+        time.sleep(0.2)
+    recovered = min(started + seconds for started, seconds, status in outcomes if started > killed and status == 200)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    after_kill = [(seconds, status) for started, seconds, status in outcomes if started + seconds > killed]
+    print(f"answered again {recovered - killed:.1f} s after the kill; answers since: {sorted(after_kill)[-8:]}")
+    assert all(status in (200, 408, 500, 502, 503, 504) for _, status in after_kill), after_kill
+    assert max(seconds for seconds, _ in after_kill) < proxy_timeout_s() + 5  # bounded: no request hangs
+    assert replica_pids() and pid not in replica_pids()
+    assert httpx.get(f"{base_url}/healthz", timeout=60).status_code == 200
+
+
+def test_serve_stops_on_sigterm(served_model, tmp_path):
+    """`genderrec serve` on its own new local Ray, stopped with SIGTERM (what Kubernetes and systemd send)."""
+    import os
+
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = serve_command(served_model[0], port)
+    with running(command, port, tmp_path / "genderrec-serve.log", signal.SIGTERM, env=env) as url:
+        assert httpx.get(f"{url}/healthz", timeout=60).status_code == 200
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/healthz", timeout=10)

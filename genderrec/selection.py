@@ -87,7 +87,7 @@ def significance(board: pd.DataFrame, chosen: pd.Series, comparison: dict | None
 
 
 # --------------------------------------------------------------------------- the dict-card API of genderrec 0.1
-# Only labeling and serving (and their tests) still call these; they move to genderrec.bundle.ModelBundle, and
+# Only serving (with its tests and benchmark) still calls these; it moves to genderrec.bundle.ModelBundle, and
 # then this block goes. Everything else reads and writes cards through genderrec.bundle.
 
 MODEL_FILE, CARD_FILE, CLASS_NAMES = bundle.MODEL_FILE, bundle.CARD_FILE, bundle.CLASS_NAMES

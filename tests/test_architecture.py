@@ -44,9 +44,9 @@ ALLOWED = {
     "__init__": {"tflogs"},
 }
 ENTRY_POINTS = {"cli", "comparison", "__main__"}
-# Imports on their way out (issue 14): labeling and serving still call selection's dict-card API (and labeling
-# evaluation.binary_metrics) until they load a ModelBundle; then these entries and that API go.
-PENDING = {"labeling": {"evaluation", "selection"}, "serving": {"selection"}, "selection": {"models", "storage"}}
+# Imports on their way out (issue 14): serving still calls selection's dict-card API until it loads a ModelBundle;
+# then these entries and that API (selection.read_card/write_card/load_selected/apply_calibration/export) go.
+PENDING = {"serving": {"selection"}, "selection": {"models", "storage"}}
 
 
 def modules() -> list[str]:

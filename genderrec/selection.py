@@ -8,11 +8,8 @@ exact test against the best run, Holm-corrected) makes of the chosen run's diffe
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
-from genderrec import bundle, metrics, storage
 from genderrec.config import SelectionConfig
 
 VALIDATION_METRICS = ("val_accuracy", "val_auc", "best_val_accuracy")
@@ -84,40 +81,3 @@ def significance(board: pd.DataFrame, chosen: pd.Series, comparison: dict | None
     if versus["significant"]:
         return f"{relation}: significant ({test})"
     return f"{relation}: NOT significant ({test}), the two are tied within the noise of this test set"
-
-
-# --------------------------------------------------------------------------- the dict-card API of genderrec 0.1
-# Only serving (with its tests and benchmark) still calls these; it moves to genderrec.bundle.ModelBundle, and
-# then this block goes. Everything else reads and writes cards through genderrec.bundle.
-
-MODEL_FILE, CARD_FILE, CLASS_NAMES = bundle.MODEL_FILE, bundle.CARD_FILE, bundle.CLASS_NAMES
-
-
-def export(model, model_dir: str, card: dict) -> None:
-    bundle.ModelBundle(model, bundle.ModelCard.model_validate(card)).save(model_dir)
-
-
-def write_card(model_dir: str, card: dict) -> None:
-    bundle.write_card(model_dir, bundle.ModelCard.model_validate(card))
-
-
-def read_card(model_dir: str) -> dict:
-    uri = storage.join(model_dir, CARD_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{model_dir}: no {CARD_FILE} (expected a model directory written by train_all)")
-    return json.loads(storage.read_text(uri))
-
-
-def load_selected(model_dir: str):
-    """``(keras model, card dict)`` of a model directory (local or ``s3://``)."""
-    from genderrec import models
-
-    card = read_card(model_dir)
-    model_uri = storage.join(model_dir, MODEL_FILE)
-    if not storage.exists(model_uri):
-        raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE}")
-    return models.load_model(model_uri), card
-
-
-def apply_calibration(p_male, card: dict):
-    return metrics.apply_temperature(p_male, card.get("temperature"))

@@ -44,9 +44,6 @@ ALLOWED = {
     "__init__": {"tflogs"},
 }
 ENTRY_POINTS = {"cli", "comparison", "__main__"}
-# Imports on their way out (issue 14): serving still calls selection's dict-card API until it loads a ModelBundle;
-# then these entries and that API (selection.read_card/write_card/load_selected/apply_calibration/export) go.
-PENDING = {"serving": {"selection"}, "selection": {"models", "storage"}}
 
 
 def modules() -> list[str]:
@@ -72,7 +69,7 @@ def test_imports_follow_the_table_and_have_no_cycle():
     assert not unlisted, f"new modules {sorted(unlisted)}: give each a row in ALLOWED and in the README's table"
     graph = {module: imported(module) for module in modules()}
     for module, imports in graph.items():
-        allowed = ALLOWED[module] | PENDING.get(module, set())
+        allowed = ALLOWED[module]
         if "*" not in allowed:
             assert imports <= allowed, f"genderrec.{module} imports {sorted(imports - allowed)}"
         if module not in ENTRY_POINTS:

@@ -71,7 +71,7 @@ class OpenvinoEngine:
 
     name = "openvino"
 
-    def __init__(self, model_dir: str, threads: int | None = None, precision: Precision = "bf16"):
+    def __init__(self, model_dir: str, threads: int | None = None, precision: Precision = "bf16", batch_size: int = 64):
         import openvino as ov
 
         xml, weights = (storage.join(model_dir, name) for name in EXPORT_FILES["openvino"])
@@ -84,13 +84,15 @@ class OpenvinoEngine:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision = precision
+        self.precision, self.batch_size = precision, batch_size
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.zeros(0)
-        outputs = self.request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])
-        return np.asarray(outputs[0], dtype=np.float64).reshape(len(pixels))
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        outputs = [
+            np.asarray(self.request.infer([pixels[start : start + self.batch_size]])[0], dtype=np.float64)
+            for start in range(0, len(pixels), self.batch_size)
+        ]
+        return np.concatenate(outputs).reshape(len(pixels)) if outputs else np.zeros(0)
 
 
 def missing_export_message(model_dir: str, fmt: str) -> str:

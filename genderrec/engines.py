@@ -79,7 +79,8 @@ class OpenvinoEngine:
             raise EngineError(missing_export_message(model_dir, "openvino"))
         core = ov.Core()
         model = core.read_model(storage.read_text(xml), ov.Tensor(np.frombuffer(storage.read_bytes(weights), np.uint8)))
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        # No pinning: an actor shares its node's cores with other processes, and pinned threads wait on busy cores.
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)

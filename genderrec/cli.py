@@ -31,6 +31,15 @@ def _face_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-faces", type=int, help="most faces per image, the largest kept (default 10)")
 
 
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "tensorflow", "openvino"],
+        help="auto (default): TensorFlow where Ray gives a GPU, OpenVINO on CPUs when the model has that export",
+    )
+    parser.add_argument("--precision", choices=["bf16", "f32"], help="OpenVINO precision (default bf16)")
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to a cluster (``address``/``RAY_ADDRESS``, as under ``ray job submit``) or start a local one."""
     import ray
@@ -156,6 +165,8 @@ def cmd_serve(args) -> int:
         min_face_size=args.min_face_size,
         min_face_confidence=args.min_face_confidence,
         max_faces=args.max_faces,
+        engine=args.engine,
+        precision=args.precision,
         s3_endpoint=args.s3_endpoint,
         s3_region=args.s3_region,
     )
@@ -295,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--batch-size", type=int, help="images per inference batch (default 64)")
     label.add_argument("--actors", type=int, help="inference actors, each loads the model once (default 1)")
     label.add_argument("--gpus-per-actor", type=float, help="GPUs per actor, e.g. 1 or 0.5 (default 0)")
+    _engine_flags(label)
     label.add_argument("--threshold", type=float, help="p_male at or above it is labeled male (default: model card)")
     label.add_argument(
         "--resume",
@@ -334,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a builder arg, e.g. max_batch_size=32 or autoscaling_config.max_replicas=8",
     )
     _face_flags(serve_)  # --faces: the mode of requests without ?faces=
+    _engine_flags(serve_)
     serve_.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a new local Ray)")
     _storage_flags(serve_)
     serve_.set_defaults(func=cmd_serve)

@@ -182,4 +182,21 @@ def train_all(cfg: Config) -> str:
     card = read_card(chosen["model_uri"])
     write_card(selected_dir, card.model_copy(update={"selection": reason, "run": run_dir}))
     log.info("selected %s/%s: %s", chosen["architecture"], chosen["mode"], reason)
+    export_for_cpus(selected_dir, test["image_uri"])
     return run_dir
+
+
+def export_for_cpus(model_dir: str, check_uris) -> None:
+    """The OpenVINO export that CPU labeling actors and serving replicas use (``engine: auto``), checked on test
+    images. A failure is logged with the command to retry, not raised: the trained models are kept either way."""
+    from genderrec import engines
+
+    selected = ModelBundle.load(model_dir)
+    try:
+        selected.export(model_dir, "openvino", selected.check_inputs(check_uris))
+    except engines.EngineError as exc:
+        log.error(
+            "%s; labeling and serving use TensorFlow (retry: genderrec export --model %s --format openvino)",
+            exc,
+            model_dir,
+        )

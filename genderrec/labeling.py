@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from genderrec import bundle, faces, images, shards, storage
+from genderrec import bundle, engines, faces, images, shards, storage
 
 OUTPUT_COLUMNS = ("image_uri", "p_male", "label", "model", "error", "retryable")
 FACE_COLUMNS = ("face_index", "face_source", "box", "landmarks", "det_confidence")  # in faces detect/auto modes
@@ -103,6 +103,8 @@ class LabelingOptions:
     min_face_confidence: float = _FACE_DEFAULTS.min_face_confidence
     max_faces: int = _FACE_DEFAULTS.max_faces
     face_actors: int = 1  # face detection actors (CPU), each loads the detector once
+    engine: engines.EngineName = "auto"  # auto: TensorFlow on GPU actors, OpenVINO on CPU ones when exported
+    precision: engines.Precision = "bf16"  # OpenVINO: bf16 (fast where the CPU has it) or f32 (closest to Keras)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -204,7 +206,7 @@ def prepare(options: LabelingOptions) -> LabelingPlan:
     Only Parquet footers and file names are read: no input row beyond a first few (checked so that a wrong manifest
     fails here), and no output row.
     """
-    card = _check_model(options.model_dir)
+    card = _check_model(options.model_dir, options.engine)
     done = _check_output(options)
     job = shards.read_job(options.output_uri) if options.resume else None
     if job is not None:
@@ -236,11 +238,12 @@ def prepare(options: LabelingOptions) -> LabelingPlan:
     return LabelingPlan(options, card, threshold, job, tuple(chunks), tuple(columns), rows_in, already, len(retry))
 
 
-def _check_model(model_dir: str) -> bundle.ModelCard:
-    """The model directory's card, checked (and ``model.keras`` beside it) without loading the model."""
+def _check_model(model_dir: str, engine: engines.EngineName) -> bundle.ModelCard:
+    """The model directory's card, checked (and ``model.keras`` and the engine's export beside it) without loading."""
     try:
         card = bundle.read_card(model_dir)
-    except bundle.BundleError as exc:
+        engines.check_available(engine, card.exports, model_dir)
+    except (bundle.BundleError, engines.EngineError) as exc:
         raise LabelingError(str(exc)) from None
     if not storage.exists(storage.join(model_dir, bundle.MODEL_FILE)):
         raise LabelingError(f"{model_dir}: no {bundle.MODEL_FILE} beside {bundle.CARD_FILE}")
@@ -528,9 +531,9 @@ class FaceFinder:
 class Predictor:
     """Ray Data actor: loads the model once, then turns batches of decoded rows into output rows."""
 
-    def __init__(self, model_dir: str, threshold: float):
+    def __init__(self, model_dir: str, threshold: float, engine: engines.EngineName, precision: engines.Precision):
         _allow_gpu_memory_growth()
-        loaded = bundle.ModelBundle.load(model_dir)
+        loaded = bundle.ModelBundle.load(model_dir, engine=engine, precision=precision)
         # --threshold overrides the card's: the bundle names the classes at the threshold the job was given.
         self.bundle = dataclasses.replace(loaded, card=loaded.card.model_copy(update={"threshold": threshold}))
 
@@ -666,7 +669,12 @@ def build_dataset(plan: LabelingPlan):
         batch_format="pyarrow",
         batch_size=options.batch_size,
         compute=ray.data.ActorPoolStrategy(size=options.actors),
-        fn_constructor_kwargs={"model_dir": options.model_dir, "threshold": plan.threshold},
+        fn_constructor_kwargs={
+            "model_dir": options.model_dir,
+            "threshold": plan.threshold,
+            "engine": options.engine,
+            "precision": options.precision,
+        },
         num_cpus=1,
         num_gpus=options.gpus_per_actor or None,
         runtime_env=runtime_env,

@@ -38,7 +38,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from genderrec import bundle, faces, images, storage
+from genderrec import bundle, engines, faces, images, storage
 from genderrec.config import apply_override
 from genderrec.faces import FacesMode
 
@@ -73,6 +73,10 @@ class ServeArgs(faces.FaceOptions):
     num_replicas: int | None = Field(default=None, ge=1, description="a fixed replica count (else autoscaling)")
     autoscaling_config: AutoscalingConfig | None = None
     num_cpus: float = Field(default=1.0, ge=0)
+    engine: engines.EngineName = Field(
+        default="auto", description="auto: TensorFlow on GPU replicas, OpenVINO on CPU ones when the model has it"
+    )
+    precision: engines.Precision = Field(default="bf16", description="OpenVINO: bf16 (fast) or f32 (closest to Keras)")
     num_gpus: float | Literal["auto"] = Field(default="auto", description="'auto': 1 when the cluster has GPUs")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1, description="larger requests get 413")
     max_pixels: int = Field(default=images.DEFAULT_MAX_PIXELS, ge=1, description="larger images get 422 (bombs)")
@@ -264,7 +268,7 @@ class GenderClassifier:
     def __init__(self, args: ServeArgs):
         storage.configure_s3(args.s3_endpoint, args.s3_region)
         self.args = args
-        self.bundle = bundle.ModelBundle.load(args.model)
+        self.bundle = bundle.ModelBundle.load(args.model, engine=args.engine, precision=args.precision)
         self.card = self.bundle.card
         self.failure: str | None = None
         self.face_options = faces.FaceOptions.model_validate(
@@ -427,7 +431,8 @@ def _model_dir(args: ServeArgs) -> str:
     """The model directory as replicas must see it (local paths made absolute), checked to hold a model card."""
     storage.configure_s3(args.s3_endpoint, args.s3_region)
     model_dir = args.model if storage.is_s3(args.model) else str(Path(args.model).expanduser().absolute())
-    bundle.read_card(model_dir)  # a wrong path or an unreadable card fails here, with its name, not in every replica
+    card = bundle.read_card(model_dir)  # a wrong path or unreadable card fails here, with its name, not in each replica
+    engines.check_available(args.engine, card.exports, model_dir)
     return model_dir
 
 

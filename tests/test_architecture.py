@@ -35,10 +35,10 @@ ALLOWED = {
     "reports": {"storage", "images"},
     "selection": {"metrics", "bundle", "config"},
     "shards": {"storage"},
-    "labeling": {"images", "faces", "bundle", "storage", "config", "metrics", "manifest", "shards"},
-    "serving": {"images", "faces", "bundle", "storage", "config"},
+    "labeling": {"images", "faces", "bundle", "engines", "storage", "config", "metrics", "manifest", "shards"},
+    "serving": {"images", "faces", "bundle", "engines", "storage", "config"},
     "comparison": {"config", "manifest", "training", "bundle", "evaluation", "metrics", "models", "reports"}
-    | {"selection", "storage"},
+    | {"selection", "storage", "engines"},
     "cli": {"*"},
     "__main__": {"cli"},
     "__init__": {"tflogs"},

@@ -7,20 +7,25 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from genderrec import bundle, engines
+from genderrec import bundle, cli, engines, labeling, serving
+from tests.helpers.net import free_port
+
+TEMPERATURE = 0.5  # the exported model's card is calibrated: every engine must apply it
 
 
 @pytest.fixture(scope="module")
 def exported_dir(tiny_model_dir, tmp_path_factory):
-    """A copy of the tiny model directory with every export written through ``genderrec export``."""
-    from genderrec import cli
-
+    """A calibrated copy of the tiny model directory with every export written through ``genderrec export``."""
     model_dir = tmp_path_factory.mktemp("exported") / "model"
     shutil.copytree(tiny_model_dir, model_dir)
+    card = bundle.read_card(str(model_dir))
+    bundle.write_card(str(model_dir), card.model_copy(update={"temperature": TEMPERATURE}))
     formats = [arg for fmt in engines.EXPORT_FILES for arg in ("--format", fmt)]
     assert cli.main(["export", "--model", str(model_dir), *formats]) == 0
     return model_dir
@@ -91,3 +96,69 @@ def test_resolve_without_export_falls_back_to_tensorflow():
     assert engines.resolve("auto", {}, has_gpu=False) == "tensorflow"
     assert engines.resolve("auto", {"openvino": {}}, has_gpu=False) == "openvino"
     assert engines.resolve("openvino", {"openvino": {}}, has_gpu=True) == "openvino"  # asked for explicitly
+
+
+def test_label_with_openvino_matches_tensorflow_rows_errors_and_calibration(
+    exported_dir, real_faces, tmp_path, ray_session
+):
+    """The same job through each engine: the same rows and errors, p_male within f32 round-off, calibrated."""
+    manifest_uri = tmp_path / "inputs.parquet"
+    inputs = real_faces.head(20)[["image_uri", "male"]].copy()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    inputs = pd.concat([inputs, pd.DataFrame({"image_uri": [str(broken)], "male": [1]})], ignore_index=True)
+    inputs.to_parquet(manifest_uri)
+    outputs = {}
+    for engine in ("tensorflow", "openvino"):
+        out = tmp_path / engine
+        argv = ["label", "--model", str(exported_dir), "--input", str(manifest_uri), "--output", str(out)]
+        assert cli.main([*argv, "--engine", engine, "--precision", "f32", "--batch-size", "8"]) == 0
+        outputs[engine] = pd.read_parquet(out).sort_values("image_uri").reset_index(drop=True)
+    tf_rows, ov_rows = outputs["tensorflow"], outputs["openvino"]
+    assert len(ov_rows) == len(inputs) and list(ov_rows["image_uri"]) == list(tf_rows["image_uri"])
+    assert (
+        ov_rows["error"].notna().sum() == 1
+        and "broken.jpg" in ov_rows.loc[ov_rows["error"].notna(), "image_uri"].item()
+    )
+    np.testing.assert_allclose(ov_rows["p_male"], tf_rows["p_male"], atol=1e-4)
+    assert (ov_rows["label"].fillna("") == tf_rows["label"].fillna("")).all()
+    keras_bundle = bundle.ModelBundle.load(str(exported_dir))
+    good = ov_rows[ov_rows["error"].isna()]
+    expected = keras_bundle.predict_proba(
+        np.stack([keras_bundle.load_pixels(Path(u).read_bytes()) for u in good["image_uri"]])
+    )
+    np.testing.assert_allclose(good["p_male"], expected, atol=1e-4)  # the card's temperature applied
+
+
+def test_label_with_openvino_but_no_export_fails_before_ray(tiny_model_dir, real_faces, tmp_path):
+    manifest_uri = tmp_path / "inputs.parquet"
+    real_faces.head(3)[["image_uri"]].to_parquet(manifest_uri)
+    options = labeling.LabelingOptions(str(tiny_model_dir), str(manifest_uri), str(tmp_path / "out"), engine="openvino")
+    with pytest.raises(labeling.LabelingError, match=f"{tiny_model_dir}: no openvino export"):
+        labeling.prepare(options)
+    with pytest.raises(engines.EngineError, match=f"{tiny_model_dir}: no openvino export"):
+        serving.settings(None, [], model=str(tiny_model_dir), engine="openvino")
+
+
+def test_serve_with_openvino_answers_like_tensorflow(exported_dir, real_faces, ray_session):
+    """A Serve replica on OpenVINO (f32) over real HTTP: calibrated p_male as the Keras model gives, errors as ever."""
+    import httpx
+    from ray import serve
+
+    settings = serving.settings(None, [], model=str(exported_dir), engine="openvino", precision="f32", port=free_port())
+    datas = [Path(uri).read_bytes() for uri in real_faces["image_uri"].head(6)]
+    keras_bundle = bundle.ModelBundle.load(str(exported_dir))
+    expected = keras_bundle.predict_proba(np.stack([keras_bundle.load_pixels(data) for data in datas]))
+    try:
+        url = serving.start(settings)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            files = [("image", (f"{index}.jpg", data, "image/jpeg")) for index, data in enumerate(datas)]
+            answer = client.post("/v1/predict", files=files)
+            broken = client.post("/v1/predict", content=b"not a jpeg", headers={"content-type": "image/jpeg"})
+            card = client.get("/v1/model").json()
+    finally:
+        serve.shutdown()
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose([item["p_male"] for item in answer.json()["predictions"]], expected, atol=1e-4)
+    assert broken.status_code == 422
+    assert "openvino" in card["exports"] and card["temperature"] == TEMPERATURE

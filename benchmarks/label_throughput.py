@@ -21,6 +21,7 @@ weights). Linux only; not a test: timings depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -148,11 +149,14 @@ def naive_loop(loaded: bundle.ModelBundle, uris: list[str]) -> dict:
     return rates(len(uris), wall, cpu)
 
 
-def label_job(model_dir: str, uris: list[str], work: Path, name: str, batch_size: int, actors: int) -> dict:
-    """Run the labeling job on ``uris`` (a manifest of local files); wall and CPU seconds."""
-    source = work / f"{name}.parquet"
+def label_job(model_dir: str, uris: list[str], work: Path, name: str, args, engine: str) -> dict:
+    """Run the labeling job on ``uris`` (a manifest of local files) with ``engine``; wall and CPU seconds."""
+    source = work / f"{name}_{engine}.parquet"
     pq.write_table(pa.table({"image_uri": uris}), source)
-    options = labeling.LabelingOptions(model_dir, str(source), str(work / name), batch_size=batch_size, actors=actors)
+    options = labeling.LabelingOptions(
+        model_dir, str(source), str(work / f"{name}_{engine}"), batch_size=args.batch_size, actors=args.actors
+    )
+    options = dataclasses.replace(options, engine=engine, precision=args.precision)
     result, wall, cpu = measured(labeling.label, options)
     assert result.labeled == len(uris), result.report()
     return {"wall": wall, "cpu": cpu}
@@ -168,6 +172,10 @@ def main() -> None:
     parser.add_argument("--input-size", type=int, nargs=2, default=[218, 178], metavar=("HEIGHT", "WIDTH"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument(
+        "--engines", nargs="+", default=["tensorflow"], choices=["tensorflow", "openvino"], help="label jobs to run"
+    )
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "f32"], help="OpenVINO precision")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -182,23 +190,29 @@ def main() -> None:
         loaded = bundle.ModelBundle.load(model_dir)
         pixels, decode_wall, decode_cpu = measured(decode_all, loaded, [Path(uri).read_bytes() for uri in uris])
         ceiling_before = ceiling(loaded.model, pixels, args.batch_size)
+        if "openvino" in args.engines and "openvino" not in loaded.card.exports:
+            loaded.export(model_dir, "openvino", pixels[:16])
 
         ray.init(include_dashboard=False, log_to_driver=False)
-        # The first job also starts Ray's worker processes; the second shows the cost every job pays.
-        label_job(model_dir, uris[: args.batch_size], work, "warm_up", args.batch_size, args.actors)
-        startup = label_job(model_dir, uris[: args.batch_size], work, "one_batch", args.batch_size, args.actors)
-        full = label_job(model_dir, uris, work, "all", args.batch_size, args.actors)
+        jobs = {}
+        for engine in args.engines:
+            # The first job also starts Ray's worker processes; the second shows the cost every job pays.
+            label_job(model_dir, uris[: args.batch_size], work, "warm_up", args, engine)
+            startup = label_job(model_dir, uris[: args.batch_size], work, "one_batch", args, engine)
+            full = label_job(model_dir, uris, work, "all", args, engine)
+            jobs[engine] = {
+                "end_to_end": rates(len(uris), full["wall"], full["cpu"]),
+                "steady_state": rates(
+                    len(uris) - args.batch_size, full["wall"] - startup["wall"], full["cpu"] - startup["cpu"]
+                ),
+                "one_batch_job": startup,
+            }
         ray.shutdown()
 
         ceiling_after = ceiling(loaded.model, pixels, args.batch_size)
         naive = naive_loop(loaded, uris[: args.naive_images])
 
-    steady = len(uris) - args.batch_size
-    job = {
-        "end_to_end": rates(len(uris), full["wall"], full["cpu"]),
-        "steady_state": rates(steady, full["wall"] - startup["wall"], full["cpu"] - startup["cpu"]),
-        "one_batch_job": startup,
-    }
+    job = jobs[args.engines[0]]
     best = max(ceiling_before["images_per_second"], ceiling_after["images_per_second"])
     cheapest = min(ceiling_before["cpu_seconds_per_image"], ceiling_after["cpu_seconds_per_image"])
     results = {
@@ -214,12 +228,19 @@ def main() -> None:
         "ceiling_before": ceiling_before,
         "ceiling_after": ceiling_after,
         "job": job,
+        "jobs_by_engine": jobs,
+        "openvino_precision": args.precision,
         "naive": naive,
         "wall_ratio_end_to_end": job["end_to_end"]["images_per_second"] / best,
         "wall_ratio_steady_state": job["steady_state"]["images_per_second"] / best,
         "cpu_ratio_end_to_end": cheapest / job["end_to_end"]["cpu_seconds_per_image"],
         "cpu_ratio_steady_state": cheapest / job["steady_state"]["cpu_seconds_per_image"],
     }
+    if {"tensorflow", "openvino"} <= set(jobs):
+        results["openvino_vs_tensorflow_steady_state"] = (
+            jobs["openvino"]["steady_state"]["images_per_second"]
+            / jobs["tensorflow"]["steady_state"]["images_per_second"]
+        )
     print(json.dumps(results, indent=2))
     rows = [
         ("ceiling: model.predict in memory (before job)", ceiling_before, ""),
@@ -227,6 +248,7 @@ def main() -> None:
         ("label job, end to end", job["end_to_end"], "end_to_end"),
         ("label job, steady state", job["steady_state"], "steady_state"),
         ("naive one-at-a-time loop", naive, ""),
+        *((f"label job ({engine}), steady state", jobs[engine]["steady_state"], "") for engine in args.engines[1:]),
     ]
     print(f"\n| {'what':<46} | images/s | CPU s/image | wall ratio | CPU ratio |\n|{'-' * 48}|---:|---:|---:|---:|")
     for name, rate, key in rows:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 
 from genderrec import bundle, cli, engines, labeling, serving
+from tests.helpers.bundles import calibrated_copy
 from tests.helpers.net import free_port
 
 TEMPERATURE = 0.5  # the exported model's card is calibrated: every engine must apply it
@@ -22,10 +22,7 @@ TEMPERATURE = 0.5  # the exported model's card is calibrated: every engine must 
 @pytest.fixture(scope="module")
 def exported_dir(tiny_model_dir, tmp_path_factory):
     """A calibrated copy of the tiny model directory with every export written through ``genderrec export``."""
-    model_dir = tmp_path_factory.mktemp("exported") / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
-    card = bundle.read_card(str(model_dir))
-    bundle.write_card(str(model_dir), card.model_copy(update={"temperature": TEMPERATURE}))
+    model_dir = calibrated_copy(tiny_model_dir, tmp_path_factory.mktemp("exported") / "model", TEMPERATURE)
     formats = [arg for fmt in engines.EXPORT_FILES for arg in ("--format", fmt)]
     assert cli.main(["export", "--model", str(model_dir), *formats]) == 0
     return model_dir

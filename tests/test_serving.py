@@ -24,6 +24,7 @@ import pytest
 
 from genderrec import bundle, images, serving
 from genderrec.faces import NO_FACE, FaceOptions, face_crops
+from tests.helpers.bundles import calibrated_copy
 from tests.helpers.chromium import chromium
 from tests.helpers.net import free_port
 from tests.helpers.photos import detector, iou, layout, match, no_face_photo, png_with_declared_size
@@ -38,10 +39,7 @@ TEMPERATURE = 2.0
 @pytest.fixture(scope="module")
 def served_model(tiny_model_dir, tmp_path_factory):
     """A copy of the tiny model directory whose card carries a calibration temperature, and its loaded bundle."""
-    model_dir = tmp_path_factory.mktemp("served") / "selected"
-    shutil.copytree(tiny_model_dir, model_dir)
-    card = bundle.read_card(str(model_dir))
-    bundle.write_card(str(model_dir), card.model_copy(update={"temperature": TEMPERATURE}))
+    model_dir = calibrated_copy(tiny_model_dir, tmp_path_factory.mktemp("served") / "selected", TEMPERATURE)
     return model_dir, bundle.ModelBundle.load(str(model_dir))
 
 

@@ -24,6 +24,18 @@ def make_card(**fields) -> ModelCard:
     return ModelCard(**{**defaults, **fields})
 
 
+def calibrated_copy(model_dir, destination, temperature: float):
+    """A copy of a model directory whose card carries ``temperature`` (labeling, serving and engines must apply it)."""
+    import shutil
+
+    from genderrec import bundle
+
+    shutil.copytree(model_dir, destination)
+    card = bundle.read_card(str(destination))
+    bundle.write_card(str(destination), card.model_copy(update={"temperature": temperature}))
+    return destination
+
+
 def save_bundle(model, model_dir, **fields) -> ModelBundle:
     """Save ``model`` as a model directory with :func:`make_card` ``(**fields)``; returns the bundle."""
     bundle = ModelBundle(model, make_card(**fields))

@@ -85,7 +85,7 @@ class OpenvinoEngine:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision, self.batch_size = precision, batch_size
+        self.batch_size = batch_size
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)

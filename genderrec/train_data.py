@@ -24,11 +24,15 @@ from genderrec.config import Config
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-ROWS_PER_BLOCK = 256  # URIs per Ray Data block: one decode task's work (about 30 MB of pixels at 218x178)
+ROWS_PER_BLOCK = 128  # URIs per decode task: one block of about 15 MB of pixels at 218x178
+# URIs per block of the URI table, which is shuffled before decoding: a shuffle's cost grows with the square of its
+# block count (each block is split into one piece per output block), so it runs on a few large blocks of URIs
+# (a few MB of strings) and is then cut into decode-sized blocks.
+SHUFFLE_ROWS_PER_BLOCK = 16_384
 PREFETCH_BATCHES = 2  # batches tf.data holds ready ahead of the model
 # Decoded blocks one run's ingest may hold in Ray's object store ahead of its worker (Ray Data's default is a share
 # of the whole store, so a fast decode of a large dataset would fill it and the worker's mapped pages with it).
-INGEST_OBJECT_STORE_BYTES = 128 * 2**20
+INGEST_OBJECT_STORE_BYTES = 64 * 2**20
 # Batches a streaming worker holds at once, as float32, counted generously: Ray Data's prefetched batch, the one
 # being copied into TensorFlow, tf.data's prefetch, the augmentation map's inputs and outputs, and the model's.
 STREAM_BATCHES = 8
@@ -192,12 +196,13 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
 
     table = rows[["image_uri", "male"]].reset_index(drop=True)
     ds = ray.data.from_pandas(
-        [table.iloc[start : start + ROWS_PER_BLOCK] for start in range(0, len(table), ROWS_PER_BLOCK)]
+        [table.iloc[start : start + SHUFFLE_ROWS_PER_BLOCK] for start in range(0, len(table), SHUFFLE_ROWS_PER_BLOCK)]
     )
     if shuffle_seed is not None:
         # its tasks reserve what decode tasks do (Ray's default, a whole CPU, may never be free next to the workers)
         seed = RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=seed, num_cpus=decode_cpus)
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box},

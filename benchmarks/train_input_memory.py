@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from genderrec import images, manifest, storage, train_data
+from genderrec import engines, images, manifest, storage, train_data
 from genderrec.config import load_config, parse_config
 
 FULL_CELEBA = 202_599
@@ -64,29 +64,32 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.2):
         self.peaks = dict.fromkeys(self.FIELDS, 0)
+        self.samples = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, args=(interval,), daemon=True)
         self.thread.start()
 
     def _poll(self, interval):
         while not self.stop.wait(interval):
+            sample = {}
             for line in Path("/proc/self/status").read_text().splitlines():
                 key, _, value = line.partition(":")
                 if key in self.peaks:
-                    self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+                    sample[key] = int(value.split()[0]) * 1024
+                    self.peaks[key] = max(self.peaks[key], sample[key])
+            self.samples.append(sample)
 
     def finish(self) -> dict:
         self.stop.set()
         self.thread.join()
-        return self.peaks
+        tenths = [self.samples[min(len(self.samples) - 1, len(self.samples) * k // 10)] for k in range(1, 11)]
+        return {**self.peaks, "timeline": [(s["RssAnon"] >> 20, s["RssShmem"] >> 20) for s in tenths]}
 
 
 def epoch_loop(loop_config: dict) -> dict:
     """Ray Train worker: one epoch of the tiny model on the streamed shard; reports peak RSS and images/s."""
-    from genderrec import training
-
     cfg = parse_config(loop_config["config"])
-    training.configure_threads(loop_config["cpus"])
+    engines.limit_tensorflow_threads(loop_config["cpus"])
     rows = loop_config["rows"]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     memory = PeakMemory()
@@ -148,6 +151,7 @@ def main() -> None:
     parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs each Ray Data decode task reserves")
     parser.add_argument("--object-store-gib", type=float, default=2.0)
     parser.add_argument("--augment", action="store_true", help="also run the training augmentation in the worker")
+    parser.add_argument("--worker-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of Ray's workers")
     parser.add_argument("--estimate", metavar="CONFIG", help="print the job's input estimate for CONFIG and exit")
     args = parser.parse_args()
 
@@ -173,6 +177,7 @@ def main() -> None:
         object_store_memory=int(args.object_store_gib * 2**30),
         include_dashboard=False,
         log_to_driver=False,
+        runtime_env={"env_vars": dict(item.split("=", 1) for item in args.worker_env)},
     )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}; local Ray {args.cpus} CPUs, "
@@ -194,6 +199,7 @@ def main() -> None:
             f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        print("  private, object-store MiB at each tenth of the epoch:", metrics["timeline"], flush=True)
     print(f"augmentation in the worker: {args.augment}")
     print(f"peak RSS growth from N={args.sizes[0]:,} to N={args.sizes[-1]:,}: {results[-1] / results[0] - 1:+.1%}")
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from genderrec import images, manifest, models, train_data, training
+from genderrec import engines, images, manifest, models, train_data, training
 from genderrec.config import parse_config
 
 
@@ -41,7 +41,7 @@ def epoch_timer(times: list[float]):
 
 def plain_fit(cfg, frame, pipeline: str) -> list[float]:
     """Epoch times of ``model.fit`` in this process, configured like a Ray Train worker, on either input pipeline."""
-    training.configure_threads(cfg.resources.cpus_per_run)
+    engines.limit_tensorflow_threads(cfg.resources.cpus_per_run)
     train, val = frame[frame["split"] == "train"], frame[frame["split"] == "val"]
     steps = train_data.steps(len(train), cfg.training.batch_size)
     model = models.build_model("resnet50", "fine_tune", cfg.data.image_size, "none", cfg.models.head)

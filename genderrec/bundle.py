@@ -130,7 +130,7 @@ class ModelBundle:
     ) -> ModelBundle:
         """Load a model directory (local or ``s3://``) for ``engine``; the card is checked before the model is read.
 
-        Inside a Ray actor or replica, ``auto`` and the OpenVINO threads follow the resources Ray assigned to it.
+        Inside a Ray actor or replica, ``auto`` and the engine's threads follow the resources Ray assigned to it.
         """
         from genderrec import models
 
@@ -142,6 +142,8 @@ class ModelBundle:
         model_uri = storage.join(model_dir, MODEL_FILE)
         if not storage.exists(model_uri):
             raise BundleError(f"{model_dir}: no {MODEL_FILE}")
+        if cpus:
+            engines.limit_tensorflow_threads(cpus)
         return cls(models.load_model(model_uri), card)
 
     def export(self, model_dir: str, fmt: engines.ExportFormat, sample: np.ndarray) -> ModelBundle:

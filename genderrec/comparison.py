@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from genderrec import evaluation, manifest, metrics, reports, selection, storage, training
+from genderrec import engines, evaluation, manifest, metrics, reports, selection, storage, training
 from genderrec.bundle import ModelBundle, ModelCard, read_card, write_card
 from genderrec.config import Config, parse_config
 
@@ -62,7 +62,7 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     from genderrec import models
 
     cfg = parse_config(cfg_json)
-    training.configure_threads(cfg.resources.cpus_per_run)
+    engines.limit_tensorflow_threads(cfg.resources.cpus_per_run)
     name = f"{summary['architecture']}_{summary['mode']}"
     model = models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE))
     if cfg.models.flip_average:
@@ -189,8 +189,6 @@ def train_all(cfg: Config) -> str:
 def export_for_cpus(model_dir: str, check_uris) -> None:
     """The OpenVINO export that CPU labeling actors and serving replicas use (``engine: auto``), checked on test
     images. A failure is logged with the command to retry, not raised: the trained models are kept either way."""
-    from genderrec import engines
-
     selected = ModelBundle.load(model_dir)
     try:
         selected.export(model_dir, "openvino", selected.check_inputs(check_uris))

@@ -118,6 +118,22 @@ def check_available(requested: EngineName, exports: dict[str, str], model_dir: s
         raise EngineError(missing_export_message(model_dir, "openvino"))
 
 
+def limit_tensorflow_threads(cpus: float) -> None:
+    """Keep TensorFlow within the CPUs Ray gave this process (by default it uses every core of the node).
+
+    TensorFlow fixes its thread pools when it starts: a process whose TensorFlow already runs with other settings
+    (a reused Ray worker) keeps them, with a warning.
+    """
+    import tensorflow as tf
+
+    threads = max(1, int(round(cpus)))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError as exc:
+        log.warning("TensorFlow already started in this process; its threads stay as they are (%s)", exc)
+
+
 def ray_cpus_and_gpu() -> tuple[int | None, bool]:
     """(CPUs, whether a GPU) that Ray assigned to the current actor or replica; (None, False) outside Ray and in
     a driver (e.g. a test holding a local Ray), which Ray assigns nothing to."""

@@ -24,11 +24,12 @@ from genderrec.config import Config
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-ROWS_PER_BLOCK = 128  # URIs per decode task: one block of about 15 MB of pixels at 218x178
-# URIs per block of the URI table, which is shuffled before decoding: a shuffle's cost grows with the square of its
-# block count (each block is split into one piece per output block), so it runs on a few large blocks of URIs
-# (a few MB of strings) and is then cut into decode-sized blocks.
-SHUFFLE_ROWS_PER_BLOCK = 16_384
+ROWS_PER_BLOCK = 128  # decoded images per Ray Data block: about 15 MB of pixels at 218x178
+# URIs per decode task, and per block of the URI table shuffled before decoding: a shuffle's cost grows with the
+# square of its block count (every block is split into one piece per output block), so the full CelebA's 162,770
+# training URIs make 159 blocks (25,000 pieces), not 1,272 of ROWS_PER_BLOCK (1.6 M pieces, minutes before the first
+# batch). Each task's output is cut into blocks of ROWS_PER_BLOCK images (the dataset's ``target_max_block_size``).
+URIS_PER_TASK = 1024
 PREFETCH_BATCHES = 2  # batches tf.data holds ready ahead of the model
 # Decoded blocks one run's ingest may hold in Ray's object store ahead of its worker (Ray Data's default is a share
 # of the whole store, so a fast decode of a large dataset would fill it and the worker's mapped pages with it).
@@ -196,17 +197,18 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
 
     table = rows[["image_uri", "male"]].reset_index(drop=True)
     ds = ray.data.from_pandas(
-        [table.iloc[start : start + SHUFFLE_ROWS_PER_BLOCK] for start in range(0, len(table), SHUFFLE_ROWS_PER_BLOCK)]
+        [table.iloc[start : start + URIS_PER_TASK] for start in range(0, len(table), URIS_PER_TASK)]
     )
+    height, width = image_size
+    ds.context.target_max_block_size = ROWS_PER_BLOCK * (height * width * 3 + 64)  # pixels + label, with room
     if shuffle_seed is not None:
         # its tasks reserve what decode tasks do (Ray's default, a whole CPU, may never be free next to the workers)
         seed = RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=seed, num_cpus=decode_cpus)
-    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box},
-        batch_size=64,
+        batch_size=ROWS_PER_BLOCK,
         batch_format="numpy",
         num_cpus=decode_cpus,
     )

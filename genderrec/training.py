@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from genderrec import images, storage, train_data
+from genderrec import engines, images, storage, train_data
 from genderrec.config import Config, parse_config
 
 MODEL_FILE = "model.keras"
@@ -63,15 +63,6 @@ def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
         loss=keras.losses.BinaryCrossentropy(label_smoothing=training.label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
-
-
-def configure_threads(cpus: float) -> None:
-    """Keep TensorFlow within the CPUs Ray gave this worker (it would otherwise use every core)."""
-    import tensorflow as tf
-
-    threads = max(1, int(round(cpus)))
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
 
 
 def _report_callback(cfg: Config, state: dict):
@@ -121,7 +112,7 @@ def train_run(loop_config: dict) -> dict:
 
     cfg = parse_config(loop_config["config"])
     architecture, mode = loop_config["architecture"], loop_config["mode"]
-    configure_threads(loop_config["cpus"])
+    engines.limit_tensorflow_threads(loop_config["cpus"])
     keras.utils.set_random_seed(cfg.data.seed)
     counts = loop_config["counts"]
     steps_per_epoch = cfg.training.steps_per_epoch or train_data.steps(counts["train"], cfg.training.batch_size)

@@ -28,7 +28,7 @@ ALLOWED = {
     "faces": {"images"},
     "models": {"storage", "config"},
     "train_data": {"images", "storage", "config"},
-    "training": {"manifest", "images", "models", "bundle", "config", "storage", "train_data"},
+    "training": {"manifest", "images", "models", "bundle", "config", "storage", "train_data", "engines"},
     "engines": {"storage"},
     "bundle": {"models", "storage", "images", "metrics", "engines"},
     "evaluation": {"bundle", "metrics", "images", "faces", "manifest", "storage"},

@@ -46,6 +46,9 @@ class DataConfig(_Strict):
     # CPUs each Ray Data decode task reserves; decoding runs on any node's CPUs, not only the training worker's.
     decode_cpus: float = Field(default=1.0, gt=0)
     skip_missing: bool = False
+    # none: train on the images as they are; align: train and validate on each image's face as --faces detect|auto
+    # frames it (MTCNN landmarks, detected once per manifest and cached in the run directory: genderrec.train_faces).
+    faces: Literal["none", "align"] = "none"
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -228,9 +228,14 @@ def face_crops(
         raise ValueError(f"face_crops needs faces mode 'detect' or 'auto', got {mode!r}")
     found = select_faces(detector.detect(rgb), options)
     crops = [
-        FaceCrop(index, face, images.resize(align(rgb, face.landmarks), size, crop_box))
-        for index, face in enumerate(found)
+        FaceCrop(index, face, model_input(rgb, face.landmarks, size, crop_box)) for index, face in enumerate(found)
     ]
     if not crops and mode == "auto":
-        crops = [FaceCrop(0, None, images.resize(rgb, size, crop_box))]
+        crops = [FaceCrop(0, None, model_input(rgb, None, size, crop_box))]
     return crops
+
+
+def model_input(rgb: np.ndarray, landmarks: np.ndarray | None, size: tuple[int, int], crop_box=None) -> np.ndarray:
+    """The model's input from a photo: the face with these landmarks aligned, or (``None``) the whole image; the
+    one framing of serving, labeling and ``data.faces: align`` training (:mod:`genderrec.train_faces`)."""
+    return images.resize(rgb if landmarks is None else align(rgb, landmarks), size, crop_box)

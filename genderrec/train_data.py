@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from genderrec import images, storage
+from genderrec import images, storage, train_faces
 from genderrec.config import Config
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
     The datasets are built here, in the job's driver, while no training worker holds the CPUs that creating them
     takes (``from_pandas`` runs a task per block); their transforms run later, per run, as Ray Data tasks.
     """
-    rows = {split: frame.loc[frame["split"] == split, ["image_uri", "male"]].reset_index(drop=True) for split in SPLITS}
+    columns = ["image_uri", "male", *([train_faces.LANDMARKS] if train_faces.LANDMARKS in frame else [])]
+    rows = {split: frame.loc[frame["split"] == split, columns].reset_index(drop=True) for split in SPLITS}
     plan = estimate(cfg, sum(len(part) for part in rows.values()))
     common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus}
     datasets = {
@@ -195,7 +196,8 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
     import ray.data
     from ray.data import RandomSeedConfig
 
-    table = rows[["image_uri", "male"]].reset_index(drop=True)
+    table = rows[["image_uri", "male", *([train_faces.LANDMARKS] if train_faces.LANDMARKS in rows else [])]]
+    table = table.reset_index(drop=True)
     ds = ray.data.from_pandas(
         [table.iloc[start : start + URIS_PER_TASK] for start in range(0, len(table), URIS_PER_TASK)]
     )
@@ -215,13 +217,19 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
 
 
 def decode_batch(batch: dict, image_size, crop_box=None) -> dict:
-    """Ray Data task: read and decode with the shared decoder; a bad file's error names it."""
+    """Ray Data task: read and decode with the shared decoder (each face aligned from its cached landmarks when the
+    batch has them: ``data.faces: align``); a bad file's error names it."""
     height, width = image_size
-    uris = batch["image_uri"]
+    uris, landmarks = batch["image_uri"], batch.get(train_faces.LANDMARKS)
     pixels = np.empty((len(uris), height, width, 3), dtype=np.uint8)
     for index, uri in enumerate(uris):
         try:
-            pixels[index] = images.load_image(storage.read_bytes(uri), image_size, crop_box)
+            data = storage.read_bytes(uri)
+            pixels[index] = (
+                images.load_image(data, image_size, crop_box)
+                if landmarks is None
+                else train_faces.training_pixels(data, landmarks[index], image_size, crop_box)
+            )
         except Exception as exc:
             raise ValueError(f"{uri}: {exc}") from exc
     return {"pixels": pixels, "male": np.asarray(batch["male"], dtype=np.float32)}

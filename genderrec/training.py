@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from genderrec import engines, images, storage, train_data
+from genderrec import engines, images, storage, train_data, train_faces
 from genderrec.config import Config, parse_config
 
 MODEL_FILE = "model.keras"
@@ -239,6 +239,8 @@ def run_grid(cfg: Config, frame: pd.DataFrame, run_dir: str) -> list[dict]:
     """
     from ray import tune
 
+    if cfg.data.faces == "align":
+        frame, _ = train_faces.attach(frame, run_dir)
     inputs = train_data.prepare(cfg, frame)
     storage_path = storage.join(run_dir, "trainer")
 

@@ -27,8 +27,10 @@ ALLOWED = {
     "images": {"storage"},
     "faces": {"images"},
     "models": {"storage", "config"},
-    "train_data": {"images", "storage", "config"},
-    "training": {"manifest", "images", "models", "bundle", "config", "storage", "train_data", "engines"},
+    "train_faces": {"faces", "images", "storage"},
+    "train_data": {"images", "storage", "config", "train_faces"},
+    "training": {"manifest", "images", "models", "bundle", "config", "storage", "train_data", "engines"}
+    | {"train_faces"},
     "engines": {"storage"},
     "bundle": {"models", "storage", "images", "metrics", "engines"},
     "evaluation": {"bundle", "metrics", "images", "faces", "manifest", "storage"},

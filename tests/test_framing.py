@@ -61,15 +61,8 @@ def test_training_faces_are_detected_once_then_read_from_the_cache(ray_session, 
     assert np.array_equal(np.stack(third[train_faces.LANDMARKS]), np.stack(second[train_faces.LANDMARKS]), True)
 
     # The Ray Data decode trains on exactly what --faces auto feeds the model for the same photo.
-    batches = train_data.SplitBatches(
-        train_data.dataset(third, TINY_SIZE, decode_cpus=0.05).iterator(),
-        5,
-        TINY_SIZE,
-        5,
-        cache=False,
-        shuffle=False,
-        seed=0,
-    )
+    stream = train_data.dataset(third, TINY_SIZE, decode_cpus=0.05).iterator()
+    batches = train_data.SplitBatches(stream, 5, TINY_SIZE, 5, cache=False, shuffle=False, seed=0)
     ((pixels, _),) = list(batches.epoch(0))
     for index, uri in enumerate(third["image_uri"]):
         rgb = images.decode_image(Path(uri).read_bytes())

@@ -119,6 +119,8 @@ def attach(
     caching) only the images it lacks; the test split is left out (it is evaluated as its own faces mode says)."""
     options = options or faces.FaceOptions()
     rows = frame[frame["split"].isin(["train", "val"])]
+    if "image_id" not in rows:  # a manifest of other images: the URI is the id
+        rows = rows.assign(image_id=rows["image_uri"])
     cache_uri = storage.join(run_dir, CACHE_FILE)
     cached = read_cache(cache_uri)
     known = pd.MultiIndex.from_frame(cached[KEY].astype(str))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import signal
@@ -163,6 +164,34 @@ def running_replicas() -> list[int]:
     ]
 
 
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (from /proc): the benchmark, its Ray's daemons, workers, proxy, replicas."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def pin(replica_cores: set[int] | None) -> None:
+    """Give the replica ``replica_cores`` and everything else of this benchmark (load generator, proxy, Ray) the
+    other cores; ``None`` gives every process every core again."""
+    every = set(range(os.cpu_count()))
+    replicas = set(running_replicas())
+    for pid in descendants(os.getpid()):
+        cores = every if replica_cores is None else replica_cores if pid in replicas else every - replica_cores
+        with contextlib.suppress(OSError):  # the process ended meanwhile
+            os.sched_setaffinity(pid, cores)
+
+
 def deploy(model_dir: str, port: int, overrides: list[str]) -> None:
     config = str(REPO / "configs" / "serve.yaml")
     serving.start(serving.settings(config, ["num_gpus=0", *overrides], model=model_dir, host=HOST, port=port))
@@ -233,6 +262,15 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
         "",
         f"Capacity of one replica (closed loop, {settings.max_ongoing_requests} clients): **{capacity:.1f} requests/s**.",
         "",
+        *(
+            [
+                f"Capacity and 1x/3x/10x with the replica alone on core {os.cpu_count() - 1} and the load generator, "
+                "Serve's proxy and Ray on the others (`--pin`); the kill and autoscaling runs unpinned.",
+                "",
+            ]
+            if args.pin
+            else []
+        ),
         "| offered | sent | requests/s offered | answered 200 | 503 | client time-outs | other | p50 ms (200s) | "
         "p99 ms (200s) | p99 / p99 at 1x | p99 ms the client sent late | /healthz after |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -283,6 +321,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30, help="seconds per offered load (default 30)")
     parser.add_argument("--capacity-seconds", type=float, default=15)
     parser.add_argument("--kill-seconds", type=float, default=45, help="load around a kill (default 45)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="1x/3x/10x with the replica alone on the last core and the load generator, proxy and Ray on the others",
+    )
     parser.add_argument("--out", help="also write the markdown here")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
@@ -296,6 +339,8 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             deploy(model_dir, port, ["autoscaling_config=null", "num_replicas=1"])
+            if args.pin:
+                pin({os.cpu_count() - 1})
             asyncio.run(closed_loop(port, bodies, 8, 5))  # warm-up
             clients = serving.ServeArgs(model="m").max_ongoing_requests
             capacity = asyncio.run(closed_loop(port, bodies, clients, args.capacity_seconds))
@@ -305,6 +350,8 @@ def main() -> None:
                 results = asyncio.run(open_loop(port, bodies, level * capacity, args.seconds))
                 levels[level] = {**summary(results, args.seconds), "healthz": healthz(port)}
                 print(level, levels[level], flush=True)
+            if args.pin:
+                pin(None)  # replacements and new replicas start where Ray puts them
             kill_one = asyncio.run(kill_under_load(port, bodies, capacity, args.kill_seconds, 1))
             print("kill one of one", kill_one, flush=True)
             deploy(model_dir, port, ["autoscaling_config.max_replicas=2"])

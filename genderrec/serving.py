@@ -494,6 +494,7 @@ def application(config: ServeDeploySchema, source: str = "<config>") -> ServeApp
 DEFAULT_CONFIG = {
     "proxy_location": "HeadOnly",
     "http_options": {"host": "127.0.0.1", "port": 8000},
+    "logging_config": {"enable_access_log": False, "log_level": "ERROR"},
     "applications": [{"name": "genderrec", "route_prefix": "/", "import_path": IMPORT_PATH, "args": {}}],
 }
 
@@ -539,7 +540,13 @@ def start(settings: ServeSettings) -> str:
     """Do what ``serve run`` does with a config file (ray/serve/scripts.py) on the connected Ray: start Serve with the
     config's proxy location and HTTP options, then deploy the app that :func:`app_builder` builds from its args.
     Returns the app's URL once it is running."""
-    config = settings.config
-    serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump())
-    serve.run(app_builder(settings.args), name=settings.app.name, route_prefix=settings.app.route_prefix)
+    config, app = settings.config, settings.app
+    serve.start(
+        proxy_location=config.proxy_location,
+        http_options=config.http_options.model_dump(),
+        logging_config=config.logging_config,
+    )
+    serve.run(
+        app_builder(settings.args), name=app.name, route_prefix=app.route_prefix, logging_config=app.logging_config
+    )
     return settings.url

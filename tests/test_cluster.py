@@ -300,6 +300,7 @@ def test_rayservice_serves_the_app_of_configs_serve_yaml_from_s3():
 
     local = read_yaml(REPO / "configs" / "serve.yaml")
     assert config["http_options"]["port"] == local["http_options"]["port"]
+    assert config["logging_config"] == local["logging_config"]
     assert len(config["applications"]) == len(local["applications"])
     for cluster_app, local_app in zip(config["applications"], local["applications"], strict=True):
         assert {**cluster_app, "args": None} == {**local_app, "args": None}

@@ -89,6 +89,25 @@ def test_auto_follows_the_gpu_ray_assigns(exported_dir):
     assert "ENGINES tensorflow openvino" in result.stdout, result.stderr[-3000:]
 
 
+def test_each_engine_uses_only_the_cpus_ray_gives_its_actor(exported_dir, ray_session):
+    """A 1-CPU actor: TensorFlow's and OpenVINO's thread pools hold one thread each (not one per core)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Loader:
+        def threads(self, engine: str) -> int:
+            import tensorflow as tf
+
+            loaded = bundle.ModelBundle.load(str(exported_dir), engine=engine)
+            if engine == "openvino":
+                return int(loaded.engine.compiled.get_property("INFERENCE_NUM_THREADS"))
+            return tf.config.threading.get_intra_op_parallelism_threads()
+
+    loaders = [Loader.remote(), Loader.remote()]
+    threads = ray.get([loaders[0].threads.remote("tensorflow"), loaders[1].threads.remote("openvino")])
+    assert threads == [1, 1]
+
+
 def test_resolve_without_export_falls_back_to_tensorflow():
     assert engines.resolve("auto", {}, has_gpu=False) == "tensorflow"
     assert engines.resolve("auto", {"openvino": {}}, has_gpu=False) == "openvino"

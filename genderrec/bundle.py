@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genderrec import engines, images, metrics, storage
+from genderrec.config import TrainingPrecision
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
@@ -62,6 +63,8 @@ class ModelCard(BaseModel):
     temperature: float | None = Field(default=None, gt=0)
     calibration: Calibration | None = None
     weights: str = "none (random init)"
+    # The Keras dtype policy the weights were trained in; model.keras itself is float32 whatever it was.
+    training_precision: TrainingPrecision = "float32"
     metrics: dict[str, float | int] = {}
     split: str | None = None
     created: str | None = None

@@ -65,6 +65,8 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     engines.limit_tensorflow_threads(cfg.resources.cpus_per_run)
     name = f"{summary['architecture']}_{summary['mode']}"
     model = models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE))
+    if cfg.training.precision != "float32":
+        model = models.as_float32(model)  # evaluated and exported as deployed
     if cfg.models.flip_average:
         model = models.with_flip_average(model)
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
@@ -122,6 +124,7 @@ def model_card(cfg: Config, row: dict) -> ModelCard:
         crop_box=tuple(cfg.data.crop_box) if cfg.data.crop_box else None,
         preprocessing=models.architecture(row["architecture"]).preprocessing_name + " (inside the model)",
         weights=row["weights"],
+        training_precision=cfg.training.precision,
         flip_average=cfg.models.flip_average,
         metrics={key: row[key] for key in CARD_METRICS if key in row},
         split=cfg.data.split,

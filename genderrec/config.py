@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ARCHITECTURES = ("vgg16", "vgg19", "googlenet", "resnet50", "resnet101")
 MODES = ("fine_tune", "transfer")
+TrainingPrecision = Literal["float32", "mixed_bfloat16", "mixed_float16"]  # Keras dtype policies a run can train in
 
 
 class ConfigError(ValueError):
@@ -153,6 +154,9 @@ class TrainingConfig(_Strict):
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     steps_per_epoch: int | None = Field(default=None, ge=1)
     inference_timing_images: int = Field(default=1000, ge=1)
+    # Keras dtype policy of the training worker. mixed_*: float32 weights, bfloat16/float16 compute, the p_male
+    # output layer in float32; mixed_float16 (GPUs) adds loss scaling. The saved model is float32 either way.
+    precision: TrainingPrecision = "float32"
 
 
 class ResourcesConfig(_Strict):

@@ -88,18 +88,22 @@ def load_image(
 
 
 def augmentation(rotation_degrees: float, shift: float, zoom: float, horizontal_flip: bool, seed: int | None = None):
-    """The notebook's ImageDataGenerator augmentation, as Keras preprocessing layers."""
+    """The notebook's ImageDataGenerator augmentation, as Keras preprocessing layers.
+
+    Always float32 pixels in and out: under a mixed ``training.precision`` they would otherwise compute in 16 bits.
+    """
     import keras
 
+    common = {"fill_mode": "nearest", "seed": seed, "dtype": "float32"}
     layers = []
     if horizontal_flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, dtype="float32"))
     if rotation_degrees:
-        layers.append(keras.layers.RandomRotation(rotation_degrees / 360.0, fill_mode="nearest", seed=seed))
+        layers.append(keras.layers.RandomRotation(rotation_degrees / 360.0, **common))
     if shift:
-        layers.append(keras.layers.RandomTranslation(shift, shift, fill_mode="nearest", seed=seed))
+        layers.append(keras.layers.RandomTranslation(shift, shift, **common))
     if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed))
+        layers.append(keras.layers.RandomZoom(zoom, **common))
     return keras.Sequential(layers, name="augmentation")
 
 

@@ -202,6 +202,26 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
     return {"params_total": int(total), "params_trainable": trainable}
 
 
+def as_float32(model: keras.Model) -> keras.Model:
+    """The same model with every layer in float32 and the trained weights, for a run trained in a mixed policy.
+
+    Mixed-policy variables are float32 already, so the weights are copied exactly; only the compute dtype changes.
+    Labeling, serving, the ONNX/OpenVINO exports and calibration then see the float32 model they always did.
+    """
+
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")  # the outer Functional models take the global policy
+    try:
+        clone = keras.models.clone_model(model, clone_function=float32_layer, recursive=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def save_model(model: keras.Model, uri: str) -> None:
     """Save a model as ``.keras`` to a local path or ``s3://`` URI."""
     import tempfile

@@ -114,6 +114,9 @@ def train_run(loop_config: dict) -> dict:
     architecture, mode = loop_config["architecture"], loop_config["mode"]
     engines.limit_tensorflow_threads(loop_config["cpus"])
     keras.utils.set_random_seed(cfg.data.seed)
+    # This worker process is the run's own. The policy is set before the model is built or loaded: compile wraps the
+    # optimizer in a LossScaleOptimizer for mixed_float16, and a resumed run gets its loss-scale state back only so.
+    keras.config.set_dtype_policy(cfg.training.precision)
     counts = loop_config["counts"]
     steps_per_epoch = cfg.training.steps_per_epoch or train_data.steps(counts["train"], cfg.training.batch_size)
 

@@ -68,6 +68,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         ({"data": {"manifest": "m"}, "models": {"architectures": ["alexnet"]}}, "alexnet"),
         ({"data": {"manifest": "m"}, "models": {"weights": "imagenet"}}, "googlenet has no official"),
         ({"data": {"manifest": "m"}, "selection": {"pin": "resnet50"}}, "resnet50/fine_tune"),
+        ({"data": {"manifest": "m"}, "training": {"precision": "float16"}}, "training.precision"),
         (
             {
                 "data": {"manifest": "m"},

@@ -60,6 +60,7 @@ def test_train_all_runs_ten_models_and_selects_one(ray_session, tmp_path, celeba
     card = selected.card
     assert (card.architecture, card.mode) == (chosen["architecture"], chosen["mode"])
     assert card.input_size == (32, 32) and card.class_names == ("female", "male")
+    assert card.training_precision == "float32"  # the default (tests/test_precision.py: the mixed policies)
     assert card.metrics["test_accuracy"] == pytest.approx(chosen["test_accuracy"])
     assert card.selection.startswith("chosen on the validation split")  # selection.metric: val_accuracy
     # The leaderboard shows the comparison `genderrec evaluate --runs` makes: McNemar against the best, Holm.

@@ -1,6 +1,6 @@
 """Overload and fault benchmark: one replica offered 1x, 3x and 10x its capacity, a SIGKILLed replica, autoscaling.
 
-    nice -n 5 python benchmarks/serve_overload.py --out overload.md     # ~5 min, loopback only, stops by itself
+    python benchmarks/serve_overload.py --out overload.md     # ~5 min, loopback only, stops by itself
 
 The app of ``configs/serve.yaml`` (its overload settings: bounded queue, 503 with Retry-After, time-outs) on a local
 Ray with 2 CPUs, model ``--model`` or an untrained export (speed does not depend on the weights):
@@ -252,7 +252,7 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
     )
     one_x = levels[1]["p99_ms"]
     lines = [
-        f"`nice -n 5 python benchmarks/serve_overload.py {' '.join(args.argv)}` on "
+        f"`python benchmarks/serve_overload.py {' '.join(args.argv)}` on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
         f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after (other jobs shared the cores).",
         "",

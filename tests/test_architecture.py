@@ -32,7 +32,7 @@ ALLOWED = {
     "training": {"manifest", "images", "models", "bundle", "config", "storage", "train_data", "engines"}
     | {"train_faces"},
     "engines": {"storage"},
-    "bundle": {"models", "storage", "images", "metrics", "engines"},
+    "bundle": {"models", "storage", "images", "metrics", "engines", "config"},
     "evaluation": {"bundle", "metrics", "images", "faces", "manifest", "storage"},
     "reports": {"storage", "images"},
     "selection": {"metrics", "bundle", "config"},

@@ -3,6 +3,8 @@
 Run directory layout (local or ``s3://``)::
 
     <storage_path>/<name>/manifest.parquet         the manifest the runs were trained on
+    <storage_path>/<name>/pretrain/<key>{/,.weights.h5}  attribute pretraining (models.weights: attributes):
+                                                   its Ray Train run, and the backbone weights the runs start from
     <storage_path>/<name>/trainer/<arch>_<mode>/   Ray Train runs (checkpoints; summary.json once finished)
     <storage_path>/<name>/models/<arch>_<mode>/    best model per run: model.keras, card.json, history.csv
     <storage_path>/<name>/leaderboard.{parquet,md} and figures/*.png
@@ -64,7 +66,7 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     cfg = parse_config(cfg_json)
     engines.limit_tensorflow_threads(cfg.resources.cpus_per_run)
     name = f"{summary['architecture']}_{summary['mode']}"
-    model = models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE))
+    model = models.served(models.load_model(storage.join(summary["checkpoint_uri"], training.MODEL_FILE)))
     if cfg.training.precision != "float32":
         model = models.as_float32(model)  # evaluated and exported as deployed
     if cfg.models.flip_average:
@@ -73,7 +75,7 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     row = {
         "architecture": summary["architecture"],
         "mode": summary["mode"],
-        "weights": models.describe_weights(cfg.models.weights_for(summary["architecture"])),
+        "weights": models.describe_weights(cfg.models.weights_for(summary["architecture"]), summary.get("weights_uri")),
         "params_total": summary["params_total"],
         "params_trainable": summary["params_trainable"],
         "epochs_run": summary["epochs_run"],
@@ -139,7 +141,7 @@ def train_all(cfg: Config) -> str:
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     frame, manifest_uri = prepare_manifest(cfg, run_dir)
     log.info("manifest %s: %s", manifest_uri, frame["split"].value_counts().to_dict())
-    summaries = training.run_grid(cfg, frame, run_dir)
+    summaries = training.run_grid(cfg, frame, run_dir, source=manifest_uri)
 
     test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     remote = ray.remote(evaluate_run).options(

@@ -99,9 +99,14 @@ class HeadConfig(_Strict):
 class ModelsConfig(_Strict):
     """Which (architecture, mode) runs to train, and where backbone weights come from.
 
-    ``weights`` is ``imagenet``, ``none`` or a local/``s3://`` weights file, either for all
+    ``weights`` is ``imagenet``, ``none``, ``attributes`` or a local/``s3://`` weights file, either for all
     architectures or as a mapping ``{architecture: source}`` (key ``default`` for the rest). GoogLeNet has
-    no official Keras ImageNet weights, so by default it starts from random weights (and says so).
+    no official Keras ImageNet weights, so by default it starts from random weights (and says so). ``attributes``:
+    each backbone is first trained on the manifest's other attributes (train split, Male excluded) and both modes
+    start from that (the offline stand-in for ImageNet; ``pretrain_epochs`` sets its length).
+
+    ``aux_attributes`` (names, or ``all``): the Male classifier trains with these attributes as extra sigmoid
+    outputs, their mean loss weighted by ``aux_loss_weight``; the saved model outputs p(male) only.
     """
 
     architectures: tuple[str, ...] = ARCHITECTURES
@@ -111,6 +116,9 @@ class ModelsConfig(_Strict):
     # Evaluate and export each model as the average of its p(male) on the image and on its mirror image
     # (test-time flip augmentation inside the exported model: twice the inference cost).
     flip_average: bool = False
+    pretrain_epochs: int | None = Field(default=None, ge=1)  # attribute pretraining's epochs; unset: training.epochs
+    aux_attributes: tuple[str, ...] | Literal["all"] = ()
+    aux_loss_weight: float = Field(default=0.5, gt=0)
 
     @field_validator("architectures")
     @classmethod
@@ -133,6 +141,10 @@ class ModelsConfig(_Strict):
         if isinstance(self.weights, str):
             return self.weights
         return self.weights.get(architecture, self.weights.get("default", "imagenet"))
+
+    def uses_attributes(self) -> bool:
+        """Whether a run needs the manifest's attribute columns (attribute pretraining or auxiliary heads)."""
+        return bool(self.aux_attributes) or any(self.weights_for(name) == "attributes" for name in self.architectures)
 
 
 class EarlyStoppingConfig(_Strict):

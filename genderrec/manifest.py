@@ -26,6 +26,7 @@ IDENTITY_FILE = "identity_CelebA.txt"
 IMAGE_FOLDER = "img_align_celeba"
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("image_uri", "male", "split")
+NON_ATTRIBUTE_COLUMNS = ("image_uri", "image_id", "male", "split", "identity", "official_split")
 _PARTITION_NAMES = {"0": "train", "1": "val", "2": "test"}
 
 
@@ -243,3 +244,29 @@ def read_manifest(uri: str) -> pd.DataFrame:
     if unknown:
         raise ManifestError(f"{uri}: unknown split value(s) {sorted(unknown)}")
     return frame
+
+
+def attribute_columns(frame: pd.DataFrame, uri: str, wanted: tuple[str, ...] | str = "all") -> list[str]:
+    """The manifest's attribute columns (0/1, besides ``male``), in manifest order: all, or the ``wanted`` names.
+
+    Attribute pretraining and auxiliary heads train on them; a manifest without them fails here, before training.
+    """
+    found = [
+        column
+        for column in frame.columns
+        if column not in NON_ATTRIBUTE_COLUMNS
+        and pd.api.types.is_integer_dtype(frame[column])
+        and frame[column].isin((0, 1)).all()
+    ]
+    if not found:
+        raise ManifestError(
+            f"{uri}: manifest has no attribute columns (0/1 columns such as CelebA's Smiling or Eyeglasses besides "
+            "male); attribute pretraining (models.weights: attributes) and models.aux_attributes need them: "
+            "build the manifest from CelebA's list_attr_celeba.txt"
+        )
+    if wanted == "all":
+        return found
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise ManifestError(f"{uri}: manifest has no attribute column(s) {missing}; it has {found}")
+    return [name for name in found if name in wanted]

@@ -4,6 +4,10 @@ Every model is ``RGB 0..255 → ArchitecturePreprocessing → backbone → share
 preprocessing is a layer inside the model, so labeling and serving cannot feed it differently from
 training (the notebook gave every model ``rescale=1/255``, which sank ResNet transfer learning).
 The head and the freeze policy are written once, here, for all five architectures.
+
+A training model may carry more outputs than it serves: attribute sigmoid outputs next to p(male) (auxiliary
+heads, one ``targets`` tensor: column 0 is p(male)) or in its place (attribute pretraining, whose backbone is what
+is kept). :func:`served` cuts a training model down to p(male), the only output a saved model has.
 """
 
 from __future__ import annotations
@@ -149,8 +153,10 @@ def with_flip_average(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{model.name}_flip_average")
 
 
-def describe_weights(source: str) -> str:
-    """How a weights source reads in the leaderboard and model card."""
+def describe_weights(source: str, file: str | None = None) -> str:
+    """How a weights source reads in the leaderboard and model card (``file``: where ``attributes`` saved them)."""
+    if source == "attributes":
+        return f"attributes: pretrained on the manifest's other attributes (train split), file: {file}"
     return {"imagenet": "imagenet", "none": "none (random init)"}.get(source, f"file: {source}")
 
 
@@ -175,8 +181,15 @@ def build_model(
     image_size: tuple[int, int],
     weights: str = "none",
     head: HeadConfig = HeadConfig(),
+    *,
+    male: bool = True,
+    attributes: int = 0,
 ) -> keras.Model:
-    """Preprocessing + backbone + the shared head; ``transfer`` freezes the backbone (BatchNorm in inference mode)."""
+    """Preprocessing + backbone + the shared head; ``transfer`` freezes the backbone (BatchNorm in inference mode).
+
+    The head ends in p(male) and/or ``attributes`` sigmoid outputs; with both, the model's one output is their
+    concatenation (``targets``: p(male) first), which :func:`served` cuts back to p(male).
+    """
     if mode not in ("fine_tune", "transfer"):
         raise ValueError(f"unknown mode {mode!r}; choose fine_tune or transfer")
     inputs = keras.Input((*image_size, 3), name="image")
@@ -192,8 +205,55 @@ def build_model(
         x = layers.Dense(head.dense_units, activation="relu", name="head_dense")(x)
     if head.dropout:
         x = layers.Dropout(head.dropout, name="head_dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name="p_male")(x)
+    heads = [layers.Dense(1, activation="sigmoid", dtype="float32", name="p_male")(x)] if male else []
+    if attributes:
+        heads.append(layers.Dense(attributes, activation="sigmoid", dtype="float32", name="attributes")(x))
+    if not heads:
+        raise ValueError("a model needs p(male) or attribute outputs")
+    outputs = heads[0] if len(heads) == 1 else layers.Concatenate(name="targets", dtype="float32")(heads)
     return keras.Model(inputs, outputs, name=f"{name}_{mode}")
+
+
+def served(model: keras.Model) -> keras.Model:
+    """The model as saved and served: RGB in, p(male) out (auxiliary attribute outputs dropped)."""
+    if "targets" not in {layer.name for layer in model.layers}:
+        return model
+    return keras.Model(model.inputs, model.get_layer("p_male").output, name=model.name)
+
+
+@keras.saving.register_keras_serializable(package="genderrec")
+class AuxiliaryLoss(keras.losses.Loss):
+    """Binary cross-entropy of p(male) (column 0) plus ``aux_weight`` x the mean over the attribute columns."""
+
+    def __init__(self, aux_weight: float, label_smoothing: float = 0.0, name="auxiliary_bce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.aux_weight, self.label_smoothing = aux_weight, label_smoothing
+
+    def call(self, y_true, y_pred):
+        per_column = keras.losses.binary_crossentropy(
+            y_true[..., None], y_pred[..., None], label_smoothing=self.label_smoothing
+        )
+        return per_column[:, 0] + self.aux_weight * keras.ops.mean(per_column[:, 1:], axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "aux_weight": self.aux_weight, "label_smoothing": self.label_smoothing}
+
+
+class _MaleColumn:
+    """A metric on column 0 (p(male)) of a ``targets`` output, so ``accuracy``/``auc`` mean what they mean alone."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(y_true[:, :1], y_pred[:, :1], sample_weight)
+
+
+@keras.saving.register_keras_serializable(package="genderrec")
+class MaleAccuracy(_MaleColumn, keras.metrics.BinaryAccuracy):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="genderrec")
+class MaleAUC(_MaleColumn, keras.metrics.AUC):
+    pass
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
@@ -229,6 +289,17 @@ def save_model(model: keras.Model, uri: str) -> None:
     with tempfile.TemporaryDirectory(prefix="genderrec-") as tmp:
         local = f"{tmp}/model.keras"
         model.save(local)
+        storage.copy(local, uri)
+
+
+def save_backbone_weights(model: keras.Model, architecture_name: str, uri: str) -> None:
+    """Save the backbone of a trained model as a ``.weights.h5`` file (local or ``s3://``) that
+    :func:`build_backbone` loads (``attributes`` pretraining's product)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="genderrec-") as tmp:
+        local = f"{tmp}/backbone.weights.h5"
+        model.get_layer(architecture_name).save_weights(local)
         storage.copy(local, uri)
 
 

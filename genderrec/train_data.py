@@ -6,6 +6,8 @@ any run starts whether the decoded pixels may be cached (``data.cache``): as ``u
 the worker, only when they fit a share of its memory. The worker reads its shards with
 ``ray.train.get_dataset_shard`` and feeds Keras a few batches at a time: streamed (a new order every epoch, from a
 per-epoch seeded shuffle of the URIs before decoding) or, when cached, from its pixels in a new permutation.
+When a run learns attributes too (pretraining, auxiliary heads), the batches carry the manifest's attribute columns
+as a ``uint8`` matrix next to ``male``, and each run takes the :class:`Targets` it learns from them.
 """
 
 from __future__ import annotations
@@ -139,11 +141,13 @@ def worker_memory(cfg: Config) -> tuple[int | None, str]:
 
 @dataclass(frozen=True)
 class RunInputs:
-    """What every run of a job trains on: the URIs and labels per split, their Ray Datasets, the cache decision."""
+    """What every run of a job trains on: the URIs and labels per split, their Ray Datasets, the cache decision,
+    and the attribute columns the datasets carry (in the order of their ``attributes`` matrix)."""
 
     rows: dict[str, pd.DataFrame]
     datasets: dict
     cache: bool
+    attributes: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         return {split: len(self.rows[split]) for split in SPLITS}
@@ -167,16 +171,37 @@ def estimate(cfg: Config, images: int) -> CachePlan:
     return plan
 
 
-def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
+@dataclass(frozen=True)
+class Targets:
+    """What a run learns from a batch: ``male`` and/or ``columns`` of its attribute matrix, as float32 labels of
+    shape (n,) for ``male`` alone, else (n, width) with ``male`` first."""
+
+    male: bool = True
+    columns: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int | None:
+        return None if not self.columns else int(self.male) + len(self.columns)
+
+    def of(self, batch: dict) -> np.ndarray:
+        if not self.columns:
+            return np.asarray(batch["male"], dtype=np.float32)
+        parts = [np.asarray(batch["male"], dtype=np.float32)[:, None]] if self.male else []
+        parts.append(batch["attributes"][:, list(self.columns)].astype(np.float32))
+        return np.concatenate(parts, axis=1)
+
+
+def prepare(cfg: Config, frame: pd.DataFrame, attributes: tuple[str, ...] = ()) -> RunInputs:
     """Check the cache against the worker's memory, print the estimate and build the datasets; call before any run.
 
     The datasets are built here, in the job's driver, while no training worker holds the CPUs that creating them
     takes (``from_pandas`` runs a task per block); their transforms run later, per run, as Ray Data tasks.
     """
-    columns = ["image_uri", "male", *([train_faces.LANDMARKS] if train_faces.LANDMARKS in frame else [])]
+    faces = [train_faces.LANDMARKS] if train_faces.LANDMARKS in frame else []
+    columns = ["image_uri", "male", *faces, *attributes]
     rows = {split: frame.loc[frame["split"] == split, columns].reset_index(drop=True) for split in SPLITS}
     plan = estimate(cfg, sum(len(part) for part in rows.values()))
-    common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus}
+    common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus, "attributes": tuple(attributes)}
     datasets = {
         split: dataset(
             rows[split], cfg.data.image_size, shuffle_seed=cfg.data.seed if split == "train" else None, **common
@@ -184,11 +209,14 @@ def prepare(cfg: Config, frame: pd.DataFrame) -> RunInputs:
         for split in SPLITS
         if len(rows[split])
     }
-    return RunInputs(rows=rows, datasets=datasets, cache=plan.cache)
+    return RunInputs(rows=rows, datasets=datasets, cache=plan.cache, attributes=tuple(attributes))
 
 
-def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float = 1.0, shuffle_seed=None):
-    """URIs → ``{pixels: uint8 (n, h, w, 3), male: float32}`` batches, decoded by Ray Data tasks.
+def dataset(
+    rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float = 1.0, shuffle_seed=None, attributes=()
+):
+    """URIs → ``{pixels: uint8 (n, h, w, 3), male: float32}`` batches, decoded by Ray Data tasks; with
+    ``attributes`` (column names of ``rows``) also ``attributes: uint8 (n, k)``.
 
     With ``shuffle_seed`` the URIs (not the pixels: cheap) are shuffled before decoding, in a new order every
     execution, i.e. every epoch, reproducibly from the seed.
@@ -196,27 +224,28 @@ def dataset(rows: pd.DataFrame, image_size, crop_box=None, *, decode_cpus: float
     import ray.data
     from ray.data import RandomSeedConfig
 
-    table = rows[["image_uri", "male", *([train_faces.LANDMARKS] if train_faces.LANDMARKS in rows else [])]]
-    table = table.reset_index(drop=True)
+    faces = [train_faces.LANDMARKS] if train_faces.LANDMARKS in rows else []
+    table = rows[["image_uri", "male", *faces, *attributes]].reset_index(drop=True)
     ds = ray.data.from_pandas(
         [table.iloc[start : start + URIS_PER_TASK] for start in range(0, len(table), URIS_PER_TASK)]
     )
     height, width = image_size
-    ds.context.target_max_block_size = ROWS_PER_BLOCK * (height * width * 3 + 64)  # pixels + label, with room
+    # pixels + label + attributes (uint8), with room
+    ds.context.target_max_block_size = ROWS_PER_BLOCK * (height * width * 3 + len(attributes) + 64)
     if shuffle_seed is not None:
         # its tasks reserve what decode tasks do (Ray's default, a whole CPU, may never be free next to the workers)
         seed = RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=seed, num_cpus=decode_cpus)
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box},
+        fn_kwargs={"image_size": tuple(image_size), "crop_box": crop_box, "attributes": tuple(attributes)},
         batch_size=ROWS_PER_BLOCK,
         batch_format="numpy",
         num_cpus=decode_cpus,
     )
 
 
-def decode_batch(batch: dict, image_size, crop_box=None) -> dict:
+def decode_batch(batch: dict, image_size, crop_box=None, attributes=()) -> dict:
     """Ray Data task: read and decode with the shared decoder (each face aligned from its cached landmarks when the
     batch has them: ``data.faces: align``); a bad file's error names it."""
     height, width = image_size
@@ -232,18 +261,35 @@ def decode_batch(batch: dict, image_size, crop_box=None) -> dict:
             )
         except Exception as exc:
             raise ValueError(f"{uri}: {exc}") from exc
-    return {"pixels": pixels, "male": np.asarray(batch["male"], dtype=np.float32)}
+    decoded = {"pixels": pixels, "male": np.asarray(batch["male"], dtype=np.float32)}
+    if attributes:
+        decoded["attributes"] = np.stack([np.asarray(batch[name], dtype=np.uint8) for name in attributes], axis=1)
+    return decoded
 
 
 class SplitBatches:
-    """One split's ``(uint8 pixels, labels)`` batches per epoch, from its dataset shard; with ``cache``, the first
-    complete pass fills a preallocated uint8 array, and later epochs read it in a new permutation."""
+    """One split's ``(uint8 pixels, labels)`` batches per epoch, from its dataset shard (labels: ``targets``); with
+    ``cache``, the first complete pass fills a preallocated uint8 array, and later epochs read it in a new
+    permutation."""
 
-    def __init__(self, shard, rows: int, image_size, batch_size: int, *, cache: bool, shuffle: bool, seed: int):
+    def __init__(
+        self,
+        shard,
+        rows: int,
+        image_size,
+        batch_size: int,
+        *,
+        cache: bool,
+        shuffle: bool,
+        seed: int,
+        targets: Targets = Targets(),
+    ):
         height, width = image_size
         self.shard, self.rows, self.batch_size, self.shuffle, self.seed = shard, rows, batch_size, shuffle, seed
+        self.targets = targets
+        label_shape = (rows,) if targets.width is None else (rows, targets.width)
         self.pixels = np.empty((rows, height, width, 3), dtype=np.uint8) if cache else None
-        self.labels = np.empty(rows, dtype=np.float32) if cache else None
+        self.labels = np.empty(label_shape, dtype=np.float32) if cache else None
         self.filled = False
 
     def epoch(self, epoch: int):
@@ -257,7 +303,7 @@ class SplitBatches:
             return
         seen = 0
         for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=1):
-            pixels, labels = batch["pixels"], batch["male"]
+            pixels, labels = batch["pixels"], self.targets.of(batch)
             if seen + len(labels) > self.rows:
                 raise RuntimeError(f"dataset shard has more than the {self.rows} rows it was planned with")
             if self.pixels is not None:
@@ -270,9 +316,10 @@ class SplitBatches:
         self.filled = self.pixels is not None
 
 
-def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augment=None):
+def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augment=None, class_weight=None):
     """An endless tf.data pipeline over :class:`SplitBatches`: one data epoch after another from ``first_epoch``,
-    float32 0..255, augmented (training), a few batches ahead.
+    float32 0..255, augmented (training), a few batches ahead; with ``class_weight`` ({0: w0, 1: w1}) each image
+    carries its class's weight by ``male`` (Keras' own ``class_weight`` would take the argmax of a label matrix).
 
     Endless, so that Keras keeps one iterator and takes exactly one pass per epoch from ``steps_per_epoch`` /
     ``validation_steps`` (:func:`steps`): every pass runs to its end (and fills the cache), none is cut off.
@@ -285,14 +332,19 @@ def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augm
         for epoch in itertools.count(first_epoch):
             yield from batches.epoch(epoch)
 
+    label_width = batches.targets.width
     signature = (
         tf.TensorSpec((None, height, width, 3), tf.uint8),
-        tf.TensorSpec((None,), tf.float32),
+        tf.TensorSpec((None,) if label_width is None else (None, label_width), tf.float32),
     )
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if class_weight is not None:
+        weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
+        male = (lambda y: y) if label_width is None else (lambda y: y[:, 0])
+        ds = ds.map(lambda x, y: (x, y, tf.gather(weights, tf.cast(male(y), tf.int32))))
     return ds.prefetch(PREFETCH_BATCHES)
 
 
@@ -301,11 +353,24 @@ def steps(rows: int, batch_size: int) -> int:
     return math.ceil(rows / batch_size)
 
 
-def worker_inputs(shards: dict, counts: dict[str, int], cfg: Config, *, cache: bool, first_epoch: int, augment):
+def worker_inputs(
+    shards: dict,
+    counts: dict[str, int],
+    cfg: Config,
+    *,
+    cache: bool,
+    first_epoch: int,
+    augment,
+    targets: Targets = Targets(),
+    class_weight=None,
+):
     """(train, val) Keras inputs of a training worker from its dataset shards (val ``None`` without val rows)."""
     common = {"image_size": cfg.data.image_size, "batch_size": cfg.training.batch_size, "cache": cache}
+    common["targets"] = targets
     train = SplitBatches(shards["train"], counts["train"], shuffle=True, seed=cfg.data.seed, **common)
-    train_input = keras_input(train, cfg.data.image_size, first_epoch=first_epoch, augment=augment)
+    train_input = keras_input(
+        train, cfg.data.image_size, first_epoch=first_epoch, augment=augment, class_weight=class_weight
+    )
     if not counts.get("val"):
         return train_input, None
     val = SplitBatches(shards["val"], counts["val"], shuffle=False, seed=cfg.data.seed, **common)

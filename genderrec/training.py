@@ -6,10 +6,16 @@ the worker reports its metrics and a checkpoint (the model with optimizer state 
 history and early-stopping state), so a killed worker resumes from its last epoch. Ray keeps the best
 checkpoint by the monitored metric: that is the run's best model ("restore best weights"). A finished run leaves
 its summary next to its checkpoints, so a rerun of a killed job does not train it again.
+
+With ``models.weights: attributes`` a first grid of the same runs, one per backbone, learns the manifest's other
+attributes instead of p(male) (task ``attributes``) and saves each backbone as a weights file in the run
+directory, keyed on architecture, image size, data and recipe: the ten runs start from it, and a later job with
+the same key reuses it. Auxiliary attribute heads are the same run with extra targets (task ``male``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from genderrec import engines, images, storage, train_data, train_faces
+from genderrec import engines, images, manifest, storage, train_data, train_faces
 from genderrec.config import Config, parse_config
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"  # next to a Ray Train run's checkpoints once it has finished
+PRETRAIN_DIR = "pretrain"  # <run_dir>/pretrain/<key>/ (Ray Train run) and <key>.weights.h5 (the backbone)
 
 
 def class_weights(labels) -> dict[int, float]:
@@ -40,9 +47,14 @@ def monitor_mode(metric: str) -> str:
     return "min" if "loss" in metric else "max"
 
 
-def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
-    """Adam (or AdamW with weight decay), optional warmup+cosine schedule, BCE, accuracy and ROC-AUC."""
+def compile_model(model, cfg: Config, steps_per_epoch: int, aux_loss_weight: float | None = None) -> None:
+    """Adam (or AdamW with weight decay), optional warmup+cosine schedule, BCE, accuracy and ROC-AUC.
+
+    With ``aux_loss_weight`` the model's output is p(male) then attributes: the loss adds the attributes' mean BCE
+    so weighted, and accuracy and ROC-AUC stay those of p(male)."""
     import keras
+
+    from genderrec import models
 
     training = cfg.training
     learning_rate = training.learning_rate
@@ -58,11 +70,13 @@ def compile_model(model, cfg: Config, steps_per_epoch: int) -> None:
         optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=training.weight_decay)
     else:
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=training.label_smoothing),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-    )
+    if aux_loss_weight is None:
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=training.label_smoothing)
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+    else:
+        loss = models.AuxiliaryLoss(aux_loss_weight, label_smoothing=training.label_smoothing)
+        metrics = [models.MaleAccuracy(name="accuracy"), models.MaleAUC(name="auc")]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
 
 def _report_callback(cfg: Config, state: dict):
@@ -112,6 +126,7 @@ def train_run(loop_config: dict) -> dict:
 
     cfg = parse_config(loop_config["config"])
     architecture, mode = loop_config["architecture"], loop_config["mode"]
+    targets = train_data.Targets(loop_config["targets"]["male"], tuple(loop_config["targets"]["columns"]))
     engines.limit_tensorflow_threads(loop_config["cpus"])
     keras.utils.set_random_seed(cfg.data.seed)
     # This worker process is the run's own. The policy is set before the model is built or loaded: compile wraps the
@@ -127,9 +142,16 @@ def train_run(loop_config: dict) -> dict:
             state = json.loads(Path(directory, STATE_FILE).read_text())
         state["resumed_at_epochs"].append(state["epoch"])
     else:
-        weights = cfg.models.weights_for(architecture)
-        model = models.build_model(architecture, mode, cfg.data.image_size, weights, cfg.models.head)
-        compile_model(model, cfg, steps_per_epoch)
+        model = models.build_model(
+            architecture,
+            mode,
+            cfg.data.image_size,
+            loop_config["weights"],
+            cfg.models.head,
+            male=targets.male,
+            attributes=len(targets.columns),
+        )
+        compile_model(model, cfg, steps_per_epoch, loop_config["aux_loss_weight"])
         state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "wait": 0, "train_seconds": 0.0}
         state["resumed_at_epochs"] = []
     stopped_early = cfg.training.early_stopping and state["wait"] >= cfg.training.early_stopping.patience
@@ -142,8 +164,11 @@ def train_run(loop_config: dict) -> dict:
             cache=loop_config["cache"],
             first_epoch=state["epoch"],
             augment=images.augmentation(**cfg.augment.model_dump(), seed=cfg.data.seed),
+            targets=targets,
+            class_weight={int(label): weight for label, weight in loop_config["class_weight"].items()}
+            if loop_config["class_weight"]
+            else None,
         )
-        weights = loop_config["class_weight"]
         model.fit(
             train_input,
             validation_data=val_input,
@@ -151,27 +176,58 @@ def train_run(loop_config: dict) -> dict:
             initial_epoch=state["epoch"],
             steps_per_epoch=steps_per_epoch,
             validation_steps=train_data.steps(counts["val"], cfg.training.batch_size) if counts["val"] else None,
-            class_weight={int(label): weight for label, weight in weights.items()} if weights else None,
             callbacks=[_report_callback(cfg, state)],
             verbose=2,
         )
-    return {**state, **models.parameter_counts(model)}
+    return {**state, **models.parameter_counts(models.served(model))}
 
 
-def make_trainer(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInputs, storage_path: str, name: str):
-    """The Ray Train trainer for one run (one worker, one GPU on a cluster), fed the job's Ray Data datasets."""
+def task_targets(cfg: Config, task: str, inputs: train_data.RunInputs) -> train_data.Targets:
+    """Task ``male``: p(male), with ``models.aux_attributes`` as extra outputs; ``attributes``: every attribute the
+    datasets carry (pretraining), without ``male``."""
+    if task == "attributes":
+        return train_data.Targets(male=False, columns=tuple(range(len(inputs.attributes))))
+    aux = cfg.models.aux_attributes
+    names = inputs.attributes if aux == "all" else aux
+    missing = [name for name in names if name not in inputs.attributes]
+    if missing:
+        raise ValueError(f"models.aux_attributes {missing} are not among the datasets' attributes {inputs.attributes}")
+    return train_data.Targets(columns=tuple(inputs.attributes.index(name) for name in names))
+
+
+def make_trainer(
+    cfg: Config,
+    architecture: str,
+    mode: str,
+    inputs: train_data.RunInputs,
+    storage_path: str,
+    name: str,
+    *,
+    task: str = "male",
+    weights: str | None = None,
+):
+    """The Ray Train trainer for one run (one worker, one GPU on a cluster), fed the job's Ray Data datasets.
+
+    ``weights``: the backbone's source (default ``models.weights``; ``attributes`` resolved to its file)."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
     fs, path = ray_storage(storage_path)
-    balanced = cfg.training.class_weight == "balanced"
+    balanced = cfg.training.class_weight == "balanced" and task == "male"
+    targets = task_targets(cfg, task, inputs)
+    weights = weights or cfg.models.weights_for(architecture)
+    if weights == "attributes":
+        raise ValueError(f"{architecture}: models.weights 'attributes' needs the pretrained file (run_grid makes it)")
     return TensorflowTrainer(
         train_run,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "architecture": architecture,
             "mode": mode,
+            "weights": weights,
+            "targets": {"male": targets.male, "columns": list(targets.columns)},
+            "aux_loss_weight": cfg.models.aux_loss_weight if targets.male and targets.columns else None,
             "counts": inputs.counts(),
             "cache": inputs.cache,
             "class_weight": class_weights(inputs.rows["train"]["male"]) if balanced else None,
@@ -203,17 +259,29 @@ def ray_storage(uri: str):
     return None, str(Path(uri).absolute())
 
 
-def run_one(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInputs, storage_path: str) -> dict:
-    """Train one run to the end and summarise it (best checkpoint, history, timings).
+def run_one(
+    cfg: Config,
+    architecture: str,
+    mode: str,
+    inputs: train_data.RunInputs,
+    storage_path: str,
+    *,
+    task: str = "male",
+    weights: str | None = None,
+    name: str | None = None,
+) -> dict:
+    """Train one run to the end and summarise it (best checkpoint, history, timings); ``task``, ``weights``: as
+    :func:`make_trainer`; ``name``: its folder under ``storage_path`` (default ``<architecture>_<mode>``).
 
     A rerun of the same job resumes: a run that finished there returns its saved summary without training again,
     and Ray Train continues an unfinished one (same name and storage) from its last checkpoint.
     """
-    name = f"{architecture}_{mode}"
+    name = name or f"{architecture}_{mode}"
     done = storage.join(storage_path, name, SUMMARY_FILE)
     if storage.exists(done):
         return json.loads(storage.read_text(done))
-    trainer = make_trainer(cfg, architecture, mode, inputs, storage_path, name)
+    weights = weights or cfg.models.weights_for(architecture)
+    trainer = make_trainer(cfg, architecture, mode, inputs, storage_path, name, task=task, weights=weights)
     result = trainer.fit()
     monitor = cfg.training.early_stopping.monitor if cfg.training.early_stopping else "val_accuracy"
     best = result.get_best_checkpoint(monitor, monitor_mode(monitor))
@@ -221,6 +289,7 @@ def run_one(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInp
     summary = {
         "architecture": architecture,
         "mode": mode,
+        "weights_uri": weights,
         "checkpoint_uri": storage.S3_SCHEME + best.path if storage.is_s3(storage_path) else best.path,
         "history": state["history"],
         "epochs_run": state["epoch"],
@@ -235,35 +304,111 @@ def run_one(cfg: Config, architecture: str, mode: str, inputs: train_data.RunInp
     return summary
 
 
-def run_grid(cfg: Config, frame: pd.DataFrame, run_dir: str) -> list[dict]:
-    """Run every configured (architecture, mode) concurrently with Ray Tune; returns one summary per run.
+def attribute_names(cfg: Config, frame: pd.DataFrame, source: str) -> tuple[str, ...]:
+    """The attribute columns the runs need (all for pretraining, else the auxiliary ones; none if neither): a
+    manifest without them fails here, before any training, naming ``source``."""
+    if not cfg.models.uses_attributes():
+        return ()
+    pretraining = any(cfg.models.weights_for(name) == "attributes" for name in cfg.models.architectures)
+    return tuple(manifest.attribute_columns(frame, source, "all" if pretraining else cfg.models.aux_attributes))
 
-    The cache decision (and its estimate, printed) comes first, so that a config that cannot fit fails before any run.
-    """
+
+def pretraining_config(cfg: Config) -> Config:
+    """The recipe of attribute pretraining: the runs' own, for ``models.pretrain_epochs`` when set."""
+    epochs = cfg.models.pretrain_epochs or cfg.training.epochs
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": epochs})})
+
+
+def pretrained_uri(cfg: Config, architecture: str, inputs: train_data.RunInputs, run_dir: str) -> str:
+    """Where attribute pretraining saves ``architecture``'s backbone: keyed on architecture, image size and a hash
+    of what it learns from (the train and val URIs and attribute labels, the crop and face alignment) and how (its
+    recipe)."""
+    digest = hashlib.sha256()
+    for split in train_data.SPLITS:
+        digest.update(inputs.rows[split][["image_uri", *inputs.attributes]].to_csv(index=False).encode())
+    recipe = pretraining_config(cfg)
+    parts = [section.model_dump(mode="json") for section in (recipe.training, recipe.augment, recipe.models.head)]
+    digest.update(json.dumps([*parts, recipe.data.crop_box, recipe.data.faces, recipe.data.seed]).encode())
+    height, width = cfg.data.image_size
+    key = f"{architecture}_{height}x{width}_{digest.hexdigest()[:16]}"
+    return storage.join(run_dir, PRETRAIN_DIR, f"{key}.weights.h5")
+
+
+def pretrain_attributes(cfg: Config, inputs: train_data.RunInputs, run_dir: str) -> dict[str, str]:
+    """Each ``attributes`` backbone's weights file, pretrained now (in parallel, through the Tune grid) unless the
+    run directory already has it; returns ``{architecture: weights file}``."""
+    wanted = {
+        name: pretrained_uri(cfg, name, inputs, run_dir)
+        for name in cfg.models.architectures
+        if cfg.models.weights_for(name) == "attributes"
+    }
+    missing = {name: uri for name, uri in wanted.items() if not storage.exists(uri)}
+    for name in sorted(set(wanted) - set(missing)):
+        print(f"attribute pretraining of {name}: reusing {wanted[name]}", flush=True)
+    if missing:
+        recipe, storage_path = pretraining_config(cfg), storage.join(run_dir, PRETRAIN_DIR)
+
+        def pretrain(params, inputs):
+            architecture = params["architecture"]
+            uri = missing[architecture]
+            summary = run_one(
+                recipe,
+                architecture,
+                "fine_tune",
+                inputs,
+                storage_path,
+                task="attributes",
+                weights="none",
+                name=uri.rsplit("/", 1)[-1].removesuffix(".weights.h5"),
+            )
+            from genderrec import models
+
+            trained = models.load_model(storage.join(summary["checkpoint_uri"], MODEL_FILE))
+            models.save_backbone_weights(trained, architecture, uri)
+            return summary
+
+        tune_grid(cfg, run_dir, "tune_pretrain", {"architecture": sorted(missing)}, pretrain, inputs)
+    return wanted
+
+
+def tune_grid(cfg: Config, run_dir: str, experiment: str, grid: dict[str, list], trial, inputs) -> list[dict]:
+    """Run ``trial(params, inputs) -> summary`` for every point of ``grid`` concurrently with Ray Tune."""
     from ray import tune
 
-    if cfg.data.faces == "align":
-        frame, _ = train_faces.attach(frame, run_dir)
-    inputs = train_data.prepare(cfg, frame)
-    storage_path = storage.join(run_dir, "trainer")
-
-    def trial(params, inputs):
-        summary = run_one(cfg, params["architecture"], params["mode"], inputs, storage_path)
-        tune.report({"summary": summary})
+    def report(params, inputs):
+        tune.report({"summary": trial(params, inputs)})
 
     fs, path = ray_storage(run_dir)
     tuner = tune.Tuner(
         # with_parameters: the datasets' blocks go to the trials through the object store, not inside a closure
-        tune.with_resources(tune.with_parameters(trial, inputs=inputs), {"cpu": 0.01}),
-        param_space={
-            "architecture": tune.grid_search(list(cfg.models.architectures)),
-            "mode": tune.grid_search(list(cfg.models.modes)),
-        },
+        tune.with_resources(tune.with_parameters(report, inputs=inputs), {"cpu": 0.01}),
+        param_space={key: tune.grid_search(values) for key, values in grid.items()},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.resources.max_concurrent_trials),
-        run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs, verbose=1),
+        run_config=tune.RunConfig(name=experiment, storage_path=path, storage_filesystem=fs, verbose=1),
     )
     results = tuner.fit()
     failed = [result for result in results if result.error]
     if failed:
         raise RuntimeError(f"{len(failed)} training run(s) failed; first error: {failed[0].error}")
     return [result.metrics["summary"] for result in results]
+
+
+def run_grid(cfg: Config, frame: pd.DataFrame, run_dir: str, source: str = "the manifest") -> list[dict]:
+    """Run every configured (architecture, mode) concurrently with Ray Tune; returns one summary per run.
+
+    The attribute columns (``source`` names the manifest in errors) and the cache decision (and its estimate,
+    printed) come first, so that a config that cannot run fails before any run; attribute pretraining comes next.
+    """
+    attributes = attribute_names(cfg, frame, source)
+    if cfg.data.faces == "align":
+        frame, _ = train_faces.attach(frame, run_dir)
+    inputs = train_data.prepare(cfg, frame, attributes)
+    weights = pretrain_attributes(cfg, inputs, run_dir)
+    storage_path = storage.join(run_dir, "trainer")
+
+    def trial(params, inputs):
+        architecture, mode = params["architecture"], params["mode"]
+        return run_one(cfg, architecture, mode, inputs, storage_path, weights=weights.get(architecture))
+
+    grid = {"architecture": list(cfg.models.architectures), "mode": list(cfg.models.modes)}
+    return tune_grid(cfg, run_dir, "tune", grid, trial, inputs)

@@ -102,3 +102,20 @@ def test_data_cache_modes_and_the_old_booleans():
         parse_config({"data": {"manifest": "m", "cache": "disk"}})
     with pytest.raises(ConfigError, match="data.cache_budget_fraction"):
         parse_config({"data": {"manifest": "m", "cache_budget_fraction": 1.5}})
+
+
+def test_attribute_pretraining_and_auxiliary_heads_are_config_keys():
+    cfg = parse_config(
+        {
+            "data": {"manifest": "m"},
+            "models": {"weights": {"default": "attributes", "vgg16": "none"}, "aux_attributes": ["Smiling"]},
+        }
+    )
+    assert cfg.models.weights_for("googlenet") == "attributes" and cfg.models.weights_for("vgg16") == "none"
+    assert (
+        cfg.models.aux_attributes == ("Smiling",) and cfg.models.aux_loss_weight == 0.5 and cfg.models.uses_attributes()
+    )
+    assert parse_config({"data": {"manifest": "m"}, "models": {"aux_attributes": "all"}}).models.aux_attributes == "all"
+    assert not parse_config({"data": {"manifest": "m"}, "models": {"weights": "none"}}).models.uses_attributes()
+    with pytest.raises(ConfigError, match="aux_loss_weight"):
+        parse_config({"data": {"manifest": "m"}, "models": {"aux_loss_weight": 0}})

@@ -102,3 +102,30 @@ def test_prepare_prints_the_estimate_and_decision(capsys, real_faces):
     printed = capsys.readouterr().out
     assert "50 images (train + val) of 40x32" in printed and "resources.memory_per_run_gib" in printed
     assert "-> cache the uint8 pixels" in printed
+
+
+def test_attribute_targets_travel_with_their_faces_streamed_and_cached(ray_session, real_faces):
+    faces = real_faces.head(24)
+    attributes = ("Eyeglasses", "Smiling", "Wearing_Lipstick")
+    expected = expected_pixels(faces)
+    ds = train_data.dataset(faces, TINY_SIZE, decode_cpus=0.05, shuffle_seed=3, attributes=attributes)
+    (block,) = ds.limit(4).iter_batches(batch_size=4, batch_format="numpy")
+    assert block["attributes"].dtype == np.uint8 and block["attributes"].shape == (4, 3)
+
+    targets = train_data.Targets(male=True, columns=(2, 0))  # male, Wearing_Lipstick, Eyeglasses
+    wanted = faces[["male", "Wearing_Lipstick", "Eyeglasses"]].to_numpy(np.float32)
+    batches = train_data.SplitBatches(
+        ds.iterator(), 24, TINY_SIZE, 8, cache=True, shuffle=True, seed=3, targets=targets
+    )
+    for epoch in range(2):  # streamed, then from the cache
+        labels = [(positions([(x, y)], expected), y) for x, y in batches.epoch(epoch)]
+        assert all(y.shape[1] == 3 and y.dtype == np.float32 for _, y in labels)
+        order = [index for found, _ in labels for index in found]
+        np.testing.assert_array_equal(np.concatenate([y for _, y in labels]), wanted[order])
+    assert batches.filled and batches.labels.shape == (24, 3)
+
+    only = train_data.Targets(male=False, columns=(1,))
+    (pixels, y), *_ = train_data.SplitBatches(
+        ds.iterator(), 24, TINY_SIZE, 24, cache=False, shuffle=False, seed=0, targets=only
+    ).epoch(0)
+    np.testing.assert_array_equal(y[:, 0], faces["Smiling"].to_numpy(np.float32)[positions([(pixels, y)], expected)])

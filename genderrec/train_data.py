@@ -191,14 +191,19 @@ class Targets:
         return np.concatenate(parts, axis=1)
 
 
+def input_columns(frame: pd.DataFrame, attributes=()) -> list[str]:
+    """The manifest columns the decode tasks read: URI, label, the cached face landmarks when there, attributes."""
+    faces = [train_faces.LANDMARKS] if train_faces.LANDMARKS in frame else []
+    return ["image_uri", "male", *faces, *attributes]
+
+
 def prepare(cfg: Config, frame: pd.DataFrame, attributes: tuple[str, ...] = ()) -> RunInputs:
     """Check the cache against the worker's memory, print the estimate and build the datasets; call before any run.
 
     The datasets are built here, in the job's driver, while no training worker holds the CPUs that creating them
     takes (``from_pandas`` runs a task per block); their transforms run later, per run, as Ray Data tasks.
     """
-    faces = [train_faces.LANDMARKS] if train_faces.LANDMARKS in frame else []
-    columns = ["image_uri", "male", *faces, *attributes]
+    columns = input_columns(frame, attributes)
     rows = {split: frame.loc[frame["split"] == split, columns].reset_index(drop=True) for split in SPLITS}
     plan = estimate(cfg, sum(len(part) for part in rows.values()))
     common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus, "attributes": tuple(attributes)}
@@ -224,8 +229,7 @@ def dataset(
     import ray.data
     from ray.data import RandomSeedConfig
 
-    faces = [train_faces.LANDMARKS] if train_faces.LANDMARKS in rows else []
-    table = rows[["image_uri", "male", *faces, *attributes]].reset_index(drop=True)
+    table = rows[input_columns(rows, attributes)].reset_index(drop=True)
     ds = ray.data.from_pandas(
         [table.iloc[start : start + URIS_PER_TASK] for start in range(0, len(table), URIS_PER_TASK)]
     )

@@ -199,7 +199,11 @@ def main() -> None:
             f"load {os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        print("  private, object-store MiB at each tenth of the epoch:", metrics["timeline"], flush=True)
+        print(
+            "  private, object-store MiB at each tenth of the worker's run (input set-up, model build, epoch):",
+            metrics["timeline"],
+            flush=True,
+        )
     print(f"augmentation in the worker: {args.augment}")
     print(f"peak RSS growth from N={args.sizes[0]:,} to N={args.sizes[-1]:,}: {results[-1] / results[0] - 1:+.1%}")
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ARCHITECTURES = ("vgg16", "vgg19", "googlenet", "resnet50", "resnet101")
 MODES = ("fine_tune", "transfer")
+DEFAULT_LEARNING_RATE = 1e-4  # the notebook's
 TrainingPrecision = Literal["float32", "mixed_bfloat16", "mixed_float16"]  # Keras dtype policies a run can train in
 
 
@@ -26,6 +27,22 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_architecture_keys(value, key: str):
+    """A per-architecture mapping (``{architecture: value}``, key ``default`` for the rest) names known ones only."""
+    if isinstance(value, dict):
+        unknown = [name for name in value if name != "default" and name not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"{key} has unknown architectures {unknown}")
+    return value
+
+
+def for_architecture(value, architecture: str, fallback):
+    """``value`` itself, or its entry for ``architecture`` when it is a per-architecture mapping."""
+    if not isinstance(value, dict):
+        return value
+    return value.get(architecture, value.get("default", fallback))
 
 
 class DataConfig(_Strict):
@@ -131,16 +148,10 @@ class ModelsConfig(_Strict):
     @field_validator("weights")
     @classmethod
     def _known_weight_keys(cls, value):
-        if isinstance(value, dict):
-            unknown = [key for key in value if key != "default" and key not in ARCHITECTURES]
-            if unknown:
-                raise ValueError(f"weights has unknown architectures {unknown}")
-        return value
+        return _check_architecture_keys(value, "weights")
 
     def weights_for(self, architecture: str) -> str:
-        if isinstance(self.weights, str):
-            return self.weights
-        return self.weights.get(architecture, self.weights.get("default", "imagenet"))
+        return for_architecture(self.weights, architecture, "imagenet")
 
     def uses_attributes(self) -> bool:
         """Whether a run needs the manifest's attribute columns (attribute pretraining or auxiliary heads)."""
@@ -153,11 +164,13 @@ class EarlyStoppingConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """One run's recipe (the notebook's by default)."""
+    """One run's recipe (the notebook's by default). ``learning_rate`` is one value or a mapping
+    ``{architecture: rate}`` (key ``default`` for the rest): VGG, without batch normalisation, needs a smaller
+    rate from random weights than the others."""
 
     epochs: int = Field(default=25, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0)
+    learning_rate: float | dict[str, float] = DEFAULT_LEARNING_RATE
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -169,6 +182,17 @@ class TrainingConfig(_Strict):
     # Keras dtype policy of the training worker. mixed_*: float32 weights, bfloat16/float16 compute, the p_male
     # output layer in float32; mixed_float16 (GPUs) adds loss scaling. The saved model is float32 either way.
     precision: TrainingPrecision = "float32"
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_rates(cls, value):
+        rates = value.values() if isinstance(value, dict) else [value]
+        if any(rate <= 0 for rate in rates):
+            raise ValueError(f"learning rates must be > 0, got {value}")
+        return _check_architecture_keys(value, "learning_rate")
+
+    def learning_rate_for(self, architecture: str) -> float:
+        return for_architecture(self.learning_rate, architecture, DEFAULT_LEARNING_RATE)
 
 
 class ResourcesConfig(_Strict):

@@ -47,8 +47,11 @@ def monitor_mode(metric: str) -> str:
     return "min" if "loss" in metric else "max"
 
 
-def compile_model(model, cfg: Config, steps_per_epoch: int, aux_loss_weight: float | None = None) -> None:
-    """Adam (or AdamW with weight decay), optional warmup+cosine schedule, BCE, accuracy and ROC-AUC.
+def compile_model(
+    model, cfg: Config, steps_per_epoch: int, aux_loss_weight: float | None = None, architecture: str = ""
+) -> None:
+    """Adam (or AdamW with weight decay) at ``architecture``'s learning rate, optional warmup+cosine schedule, BCE,
+    accuracy and ROC-AUC.
 
     With ``aux_loss_weight`` the model's output is p(male) then attributes: the loss adds the attributes' mean BCE
     so weighted, and accuracy and ROC-AUC stay those of p(male)."""
@@ -57,13 +60,13 @@ def compile_model(model, cfg: Config, steps_per_epoch: int, aux_loss_weight: flo
     from genderrec import models
 
     training = cfg.training
-    learning_rate = training.learning_rate
+    rate = learning_rate = training.learning_rate_for(architecture)
     if training.schedule == "cosine":
         warmup_steps = training.warmup_epochs * steps_per_epoch
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup_steps else training.learning_rate,
+            initial_learning_rate=0.0 if warmup_steps else rate,
             decay_steps=max(1, training.epochs * steps_per_epoch - warmup_steps),
-            warmup_target=training.learning_rate if warmup_steps else None,
+            warmup_target=rate if warmup_steps else None,
             warmup_steps=warmup_steps,
         )
     if training.weight_decay:
@@ -151,7 +154,7 @@ def train_run(loop_config: dict) -> dict:
             male=targets.male,
             attributes=len(targets.columns),
         )
-        compile_model(model, cfg, steps_per_epoch, loop_config["aux_loss_weight"])
+        compile_model(model, cfg, steps_per_epoch, loop_config["aux_loss_weight"], architecture)
         state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "wait": 0, "train_seconds": 0.0}
         state["resumed_at_epochs"] = []
     stopped_early = cfg.training.early_stopping and state["wait"] >= cfg.training.early_stopping.patience

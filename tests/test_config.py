@@ -69,6 +69,8 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         ({"data": {"manifest": "m"}, "models": {"weights": "imagenet"}}, "googlenet has no official"),
         ({"data": {"manifest": "m"}, "selection": {"pin": "resnet50"}}, "resnet50/fine_tune"),
         ({"data": {"manifest": "m"}, "training": {"precision": "float16"}}, "training.precision"),
+        ({"data": {"manifest": "m"}, "training": {"learning_rate": {"vgg17": 1e-4}}}, "unknown architectures"),
+        ({"data": {"manifest": "m"}, "training": {"learning_rate": {"vgg16": 0}}}, "must be > 0"),
         (
             {
                 "data": {"manifest": "m"},
@@ -91,6 +93,19 @@ def test_weights_per_architecture():
     default = parse_config({"data": {"manifest": "m"}})
     assert default.models.weights_for("resnet50") == "imagenet"
     assert default.models.weights_for("googlenet") == "none"
+
+
+def test_learning_rate_per_architecture_reaches_the_optimizer():
+    import keras
+
+    from genderrec import training
+
+    cfg = parse_config({"data": {"manifest": "m"}, "training": {"learning_rate": {"default": 1e-3, "vgg16": 1e-4}}})
+    assert parse_config({"data": {"manifest": "m"}}).training.learning_rate_for("vgg16") == 1e-4  # the notebook's
+    for architecture, expected in (("vgg16", 1e-4), ("resnet50", 1e-3)):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+        training.compile_model(model, cfg, steps_per_epoch=1, architecture=architecture)
+        assert float(model.optimizer.learning_rate) == pytest.approx(expected)
 
 
 def test_data_cache_modes_and_the_old_booleans():

@@ -88,11 +88,13 @@ def evaluate_run(summary: dict, test: pd.DataFrame, val: pd.DataFrame, cfg_json:
     test = test.join(evaluation.predict(bundle, test, cfg.training.batch_size))
     val = val.join(evaluation.predict(bundle, val, cfg.training.batch_size)) if len(val) else None
     result = evaluation.evaluate_predictions(test, val, evaluation.EvaluationOptions(seed=cfg.data.seed))
-    accuracy, auc = result["at_threshold"]["fixed"]["accuracy"], result["metrics"]["roc_auc"]
+    at_half, auc = result["at_threshold"]["fixed"], result["metrics"]["roc_auc"]
+    accuracy = at_half["accuracy"]
     row.update(
         test_accuracy=accuracy["value"],
         test_accuracy_low=accuracy["low"],
         test_accuracy_high=accuracy["high"],
+        test_balanced_accuracy=at_half["balanced_accuracy"]["value"],
         test_auc=auc["value"],
         test_auc_low=auc["low"],
         test_auc_high=auc["high"],

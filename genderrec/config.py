@@ -29,20 +29,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_architecture_keys(value, key: str):
-    """A per-architecture mapping (``{architecture: value}``, key ``default`` for the rest) names known ones only."""
+def _check_architecture_keys(value, key: str, runs: bool = False):
+    """A per-architecture mapping (``{architecture: value}``, key ``default`` for the rest; with ``runs`` also
+    ``architecture/mode`` keys) names known ones only."""
+    known = set(ARCHITECTURES) | ({f"{arch}/{mode}" for arch in ARCHITECTURES for mode in MODES} if runs else set())
     if isinstance(value, dict):
-        unknown = [name for name in value if name != "default" and name not in ARCHITECTURES]
+        unknown = [name for name in value if name != "default" and name not in known]
         if unknown:
-            raise ValueError(f"{key} has unknown architectures {unknown}")
+            raise ValueError(f"{key} has unknown {'runs' if runs else 'architectures'} {unknown}")
     return value
 
 
-def for_architecture(value, architecture: str, fallback):
-    """``value`` itself, or its entry for ``architecture`` when it is a per-architecture mapping."""
+def for_architecture(value, architecture: str, fallback, mode: str | None = None):
+    """``value`` itself, or its most specific entry (``architecture/mode``, ``architecture``, ``default``) when it is
+    a per-architecture mapping."""
     if not isinstance(value, dict):
         return value
-    return value.get(architecture, value.get("default", fallback))
+    for key in (f"{architecture}/{mode}", architecture, "default"):
+        if key in value:
+            return value[key]
+    return fallback
 
 
 class DataConfig(_Strict):
@@ -165,8 +171,8 @@ class EarlyStoppingConfig(_Strict):
 
 class TrainingConfig(_Strict):
     """One run's recipe (the notebook's by default). ``learning_rate`` is one value or a mapping
-    ``{architecture: rate}`` (key ``default`` for the rest): VGG, without batch normalisation, needs a smaller
-    rate from random weights than the others."""
+    ``{architecture or architecture/mode: rate}`` (key ``default`` for the rest): VGG, without batch normalisation,
+    needs a smaller rate from random weights than the others, while a head on a frozen backbone takes a larger one."""
 
     epochs: int = Field(default=25, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -189,10 +195,10 @@ class TrainingConfig(_Strict):
         rates = value.values() if isinstance(value, dict) else [value]
         if any(rate <= 0 for rate in rates):
             raise ValueError(f"learning rates must be > 0, got {value}")
-        return _check_architecture_keys(value, "learning_rate")
+        return _check_architecture_keys(value, "learning_rate", runs=True)
 
-    def learning_rate_for(self, architecture: str) -> float:
-        return for_architecture(self.learning_rate, architecture, DEFAULT_LEARNING_RATE)
+    def learning_rate_for(self, architecture: str, mode: str | None = None) -> float:
+        return for_architecture(self.learning_rate, architecture, DEFAULT_LEARNING_RATE, mode)
 
 
 class ResourcesConfig(_Strict):

@@ -24,6 +24,7 @@ TEST_METRIC_COLUMNS = (
     "test_accuracy",
     "test_accuracy_low",
     "test_accuracy_high",
+    "test_balanced_accuracy",
     "test_auc",
     "test_auc_low",
     "test_auc_high",

@@ -48,10 +48,15 @@ def monitor_mode(metric: str) -> str:
 
 
 def compile_model(
-    model, cfg: Config, steps_per_epoch: int, aux_loss_weight: float | None = None, architecture: str = ""
+    model,
+    cfg: Config,
+    steps_per_epoch: int,
+    aux_loss_weight: float | None = None,
+    architecture: str = "",
+    mode: str | None = None,
 ) -> None:
-    """Adam (or AdamW with weight decay) at ``architecture``'s learning rate, optional warmup+cosine schedule, BCE,
-    accuracy and ROC-AUC.
+    """Adam (or AdamW with weight decay) at the run's learning rate, optional warmup+cosine schedule, BCE, accuracy
+    and ROC-AUC.
 
     With ``aux_loss_weight`` the model's output is p(male) then attributes: the loss adds the attributes' mean BCE
     so weighted, and accuracy and ROC-AUC stay those of p(male)."""
@@ -60,7 +65,7 @@ def compile_model(
     from genderrec import models
 
     training = cfg.training
-    rate = learning_rate = training.learning_rate_for(architecture)
+    rate = learning_rate = training.learning_rate_for(architecture, mode)
     if training.schedule == "cosine":
         warmup_steps = training.warmup_epochs * steps_per_epoch
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -154,7 +159,7 @@ def train_run(loop_config: dict) -> dict:
             male=targets.male,
             attributes=len(targets.columns),
         )
-        compile_model(model, cfg, steps_per_epoch, loop_config["aux_loss_weight"], architecture)
+        compile_model(model, cfg, steps_per_epoch, loop_config["aux_loss_weight"], architecture, mode)
         state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "wait": 0, "train_seconds": 0.0}
         state["resumed_at_epochs"] = []
     stopped_early = cfg.training.early_stopping and state["wait"] >= cfg.training.early_stopping.patience

@@ -69,7 +69,8 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         ({"data": {"manifest": "m"}, "models": {"weights": "imagenet"}}, "googlenet has no official"),
         ({"data": {"manifest": "m"}, "selection": {"pin": "resnet50"}}, "resnet50/fine_tune"),
         ({"data": {"manifest": "m"}, "training": {"precision": "float16"}}, "training.precision"),
-        ({"data": {"manifest": "m"}, "training": {"learning_rate": {"vgg17": 1e-4}}}, "unknown architectures"),
+        ({"data": {"manifest": "m"}, "training": {"learning_rate": {"vgg17": 1e-4}}}, "unknown runs"),
+        ({"data": {"manifest": "m"}, "models": {"weights": {"vgg16/transfer": "none"}}}, "unknown architectures"),
         ({"data": {"manifest": "m"}, "training": {"learning_rate": {"vgg16": 0}}}, "must be > 0"),
         (
             {
@@ -100,11 +101,16 @@ def test_learning_rate_per_architecture_reaches_the_optimizer():
 
     from genderrec import training
 
-    cfg = parse_config({"data": {"manifest": "m"}, "training": {"learning_rate": {"default": 1e-3, "vgg16": 1e-4}}})
+    rates = {"default": 1e-3, "vgg16": 1e-4, "vgg16/transfer": 5e-4}
+    cfg = parse_config({"data": {"manifest": "m"}, "training": {"learning_rate": rates}})
     assert parse_config({"data": {"manifest": "m"}}).training.learning_rate_for("vgg16") == 1e-4  # the notebook's
-    for architecture, expected in (("vgg16", 1e-4), ("resnet50", 1e-3)):
+    for architecture, mode, expected in (
+        ("vgg16", "fine_tune", 1e-4),
+        ("vgg16", "transfer", 5e-4),
+        ("resnet50", "transfer", 1e-3),
+    ):
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
-        training.compile_model(model, cfg, steps_per_epoch=1, architecture=architecture)
+        training.compile_model(model, cfg, steps_per_epoch=1, architecture=architecture, mode=mode)
         assert float(model.optimizer.learning_rate) == pytest.approx(expected)
 
 

@@ -164,6 +164,45 @@ def running_replicas() -> list[int]:
     ]
 
 
+def proxies() -> list[int]:
+    """PIDs of Serve's proxy actors (one here: ``proxy_location: HeadOnly``)."""
+    from ray._private import state
+
+    return [
+        actor["Pid"]
+        for actor in state.actors().values()
+        if actor["State"] == "ALIVE" and actor["ActorClassName"].endswith("ProxyActor")
+    ]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds the processes have used so far (from /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # the process ended meanwhile
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def offered(port, bodies, rate: float, seconds: float) -> dict:
+    """One offered load: its summary, /healthz after it, and the CPU that Serve's proxy, the replica and this load
+    generator used meanwhile (the proxy's per request is what receiving, routing and refusing costs)."""
+    watched = {"proxy": proxies(), "replica": running_replicas()}
+    before = {name: cpu_seconds(pids) for name, pids in watched.items()}
+    client_before, started = time.process_time(), time.perf_counter()
+    results = asyncio.run(open_loop(port, bodies, rate, seconds))
+    elapsed = time.perf_counter() - started
+    cpu = {name: cpu_seconds(pids) - before[name] for name, pids in watched.items()}
+    cpu["client"] = time.process_time() - client_before
+    return {
+        **summary(results, seconds),
+        "healthz": healthz(port),
+        **{f"{name}_cores": used / elapsed for name, used in cpu.items()},
+        "proxy_ms_per_request": 1000 * cpu["proxy"] / len(results),
+    }
+
+
 def descendants(root: int) -> list[int]:
     """``root`` and every process below it (from /proc): the benchmark, its Ray's daemons, workers, proxy, replicas."""
     parents = {}
@@ -195,6 +234,14 @@ def pin(replica_cores: set[int] | None) -> None:
 def deploy(model_dir: str, port: int, overrides: list[str]) -> None:
     config = str(REPO / "configs" / "serve.yaml")
     serving.start(serving.settings(config, ["num_gpus=0", *overrides], model=model_dir, host=HOST, port=port))
+
+
+def ray_router_defaults() -> list[str]:
+    """Overrides that give Serve's router Ray's own backoff instead of configs/serve.yaml's, to compare."""
+    from ray.serve.config import RequestRouterConfig
+
+    defaults = RequestRouterConfig()
+    return [f"router_initial_backoff_s={defaults.initial_backoff_s}", f"router_max_backoff_s={defaults.max_backoff_s}"]
 
 
 async def kill_under_load(port, bodies, rate, seconds, replicas_after: int) -> dict:
@@ -247,9 +294,9 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
         slowest = max((latency for _, latency in in_flight), default=float("nan"))
         return f"{counts}, slowest {slowest:.1f} s"
 
-    settings = serving.ServeArgs.model_validate(
-        serving.application(serving.read_config(str(REPO / "configs" / "serve.yaml"))).args
-    )
+    app_args = serving.application(serving.read_config(str(REPO / "configs" / "serve.yaml"))).args
+    overrides = dict(override.split("=", 1) for override in args.router)  # --ray-router-defaults
+    settings = serving.ServeArgs.model_validate({**app_args, **overrides})
     one_x = levels[1]["p99_ms"]
     lines = [
         f"`python benchmarks/serve_overload.py {' '.join(args.argv)}` on "
@@ -259,6 +306,10 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
         f"configs/serve.yaml's limits: max_ongoing_requests {settings.max_ongoing_requests}, max_queued_requests "
         f"{settings.max_queued_requests}, retry_after_s {settings.retry_after_s:g}, request_timeout_s "
         f"{settings.request_timeout_s:g}; max_batch_size {settings.max_batch_size}. Model: {args.model_name}.",
+        "",
+        f"Serve's router, every replica full: looks again after {settings.router_initial_backoff_s:g} s, doubling up "
+        f"to {settings.router_max_backoff_s:g} s"
+        + (" (Ray's defaults, `--ray-router-defaults`)." if args.ray_router_defaults else " (configs/serve.yaml)."),
         "",
         f"Capacity of one replica (closed loop, {settings.max_ongoing_requests} clients): **{capacity:.1f} requests/s**.",
         "",
@@ -282,6 +333,20 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
             f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['p99_ms'] / one_x:.2f} | {row['p99_send_lag_ms']:.0f} | "
             f"{row['healthz']} |"
         )
+
+    lines += [
+        "",
+        "CPU used during each offered load, in cores (CPU seconds per second; the machine has "
+        f"{os.cpu_count()}), from /proc/<pid>/stat:",
+        "",
+        "| offered | answered 200/s | Serve's proxy | proxy CPU ms per request | replica | load generator |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {level}x | {row['answered_rps']:.1f} | {row['proxy_cores']:.2f} | {row['proxy_ms_per_request']:.2f} | "
+            f"{row['replica_cores']:.2f} | {row['client_cores']:.2f} |"
+            for level, row in levels.items()
+        ),
+    ]
 
     def seconds(value, digits=1) -> str:
         return "more than the run" if value is None else f"{value:.{digits}f} s"
@@ -326,9 +391,15 @@ def main() -> None:
         action="store_true",
         help="1x/3x/10x with the replica alone on the last core and the load generator, proxy and Ray on the others",
     )
+    parser.add_argument(
+        "--ray-router-defaults",
+        action="store_true",
+        help="Serve's router with Ray's default backoff (25 ms doubling to 0.5 s), not configs/serve.yaml's, to compare",
+    )
     parser.add_argument("--out", help="also write the markdown here")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    args.router = ray_router_defaults() if args.ray_router_defaults else []
 
     bodies = [path.read_bytes() for path in sorted((Path(args.celeba_dir) / "img_align_celeba").glob("*.jpg"))[:16]]
     port = free_port()
@@ -338,7 +409,7 @@ def main() -> None:
         args.model_name = args.model or f"untrained {args.architecture} at {args.input_size[0]}x{args.input_size[1]}"
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            deploy(model_dir, port, ["autoscaling_config=null", "num_replicas=1"])
+            deploy(model_dir, port, ["autoscaling_config=null", "num_replicas=1", *args.router])
             if args.pin:
                 pin({os.cpu_count() - 1})
             asyncio.run(closed_loop(port, bodies, 8, 5))  # warm-up
@@ -347,14 +418,13 @@ def main() -> None:
             print(f"capacity {capacity:.1f} requests/s", flush=True)
             levels = {}
             for level in LEVELS:
-                results = asyncio.run(open_loop(port, bodies, level * capacity, args.seconds))
-                levels[level] = {**summary(results, args.seconds), "healthz": healthz(port)}
+                levels[level] = offered(port, bodies, level * capacity, args.seconds)
                 print(level, levels[level], flush=True)
             if args.pin:
                 pin(None)  # replacements and new replicas start where Ray puts them
             kill_one = asyncio.run(kill_under_load(port, bodies, capacity, args.kill_seconds, 1))
             print("kill one of one", kill_one, flush=True)
-            deploy(model_dir, port, ["autoscaling_config.max_replicas=2"])
+            deploy(model_dir, port, ["autoscaling_config.max_replicas=2", *args.router])
             scale_s = asyncio.run(scale_up(port, bodies, 3 * capacity, args.kill_seconds))
             print("second replica after", scale_s, flush=True)
             kill_two = asyncio.run(kill_under_load(port, bodies, capacity, args.kill_seconds, 2))

@@ -97,6 +97,8 @@ class ServeArgs(faces.FaceOptions):
             raise ValueError("set num_replicas (fixed) or autoscaling_config, not both")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size must not exceed max_ongoing_requests (batches could never fill)")
+        if self.router_max_backoff_s < self.router_initial_backoff_s:
+            raise ValueError("router_max_backoff_s must not be below router_initial_backoff_s")
         if self.request_timeout_s <= self.batch_wait_timeout_s:
             raise ValueError("request_timeout_s must exceed batch_wait_timeout_s (every request would time out)")
         return self
@@ -460,9 +462,8 @@ def app_builder(args: ServeArgs) -> serve.Application:
         max_queued_requests=args.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         # With every replica full, Serve's router looks again after a backoff (Ray's default: 25 ms doubling to 0.5 s)
-        # and nothing wakes it when a batch finishes, so under sustained overload freed slots would stay empty for up
-        # to 0.5 s while accepted requests wait in the queue (in the overload benchmark the replica answered 63 of its 199 requests/s
-        # at 1x).
+        # and nothing wakes it when a batch finishes: under sustained overload freed slots could stay empty for up to
+        # 0.5 s while accepted requests wait in the queue (docs/serving_benchmark.md, "Serve's router").
         request_router_config=RequestRouterConfig(
             initial_backoff_s=args.router_initial_backoff_s, max_backoff_s=args.router_max_backoff_s
         ),

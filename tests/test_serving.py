@@ -184,6 +184,8 @@ def test_builder_args_are_strict(tmp_path):
         serving.ServeArgs.model_validate({"model": "m", "max_batch_sise": 8})
     with pytest.raises(ValueError, match="not both"):
         serving.ServeArgs(model="m", num_replicas=2, autoscaling_config={"min_replicas": 1, "max_replicas": 2})
+    with pytest.raises(ValueError, match="router_max_backoff_s must not be below router_initial_backoff_s"):
+        serving.ServeArgs(model="m", router_initial_backoff_s=0.1, router_max_backoff_s=0.05)
     with pytest.raises(ValueError, match="request_timeout_s must exceed batch_wait_timeout_s"):
         serving.ServeArgs(model="m", batch_wait_timeout_s=1, request_timeout_s=0.5)
     with pytest.raises(bundle.BundleError, match="no card.json"):

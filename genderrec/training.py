@@ -375,7 +375,9 @@ def pretrain_attributes(cfg: Config, inputs: train_data.RunInputs, run_dir: str)
             models.save_backbone_weights(trained, architecture, uri)
             return summary
 
-        tune_grid(cfg, run_dir, "tune_pretrain", {"architecture": sorted(missing)}, pretrain, inputs)
+        # In the config's order: list the slowest backbones first, so that the last ones to start are short.
+        order = [name for name in cfg.models.architectures if name in missing]
+        tune_grid(cfg, run_dir, "tune_pretrain", {"architecture": order}, pretrain, inputs)
     return wanted
 
 

@@ -322,9 +322,13 @@ def attribute_names(cfg: Config, frame: pd.DataFrame, source: str) -> tuple[str,
 
 
 def pretraining_config(cfg: Config) -> Config:
-    """The recipe of attribute pretraining: the runs' own, for ``models.pretrain_epochs`` when set."""
-    epochs = cfg.models.pretrain_epochs or cfg.training.epochs
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": epochs})})
+    """The recipe of attribute pretraining: the runs' own, for ``models.pretrain_epochs`` when set, early stopping
+    on the validation loss (accuracy over 39 attributes sits near their base rates and stopped VGG19 after 4 of 6
+    epochs in a make run)."""
+    update = {"epochs": cfg.models.pretrain_epochs or cfg.training.epochs}
+    if cfg.training.early_stopping:
+        update["early_stopping"] = cfg.training.early_stopping.model_copy(update={"monitor": "val_loss"})
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update=update)})
 
 
 def pretrained_uri(cfg: Config, architecture: str, inputs: train_data.RunInputs, run_dir: str) -> str:

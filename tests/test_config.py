@@ -114,6 +114,17 @@ def test_learning_rate_per_architecture_reaches_the_optimizer():
         assert float(model.optimizer.learning_rate) == pytest.approx(expected)
 
 
+def test_attribute_pretraining_stops_on_validation_loss():
+    from genderrec import training
+
+    cfg = parse_config(
+        {"data": {"manifest": "m"}, "models": {"pretrain_epochs": 6}, "training": {"epochs": 4, "early_stopping": {}}}
+    )
+    recipe = training.pretraining_config(cfg).training
+    assert (recipe.epochs, recipe.early_stopping.monitor, recipe.early_stopping.patience) == (6, "val_loss", 5)
+    assert cfg.training.early_stopping.monitor == "val_accuracy"  # the runs keep theirs
+
+
 def test_data_cache_modes_and_the_old_booleans():
     assert parse_config({"data": {"manifest": "m"}}).data.cache == "auto"
     assert parse_config({"data": {"manifest": "m", "cache": True}}).data.cache == "auto"

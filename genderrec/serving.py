@@ -68,10 +68,10 @@ class ServeArgs(faces.FaceOptions):
     )
     retry_after_s: float = Field(default=1.0, ge=0, description="the Retry-After of 503s (whole seconds, rounded up)")
     router_initial_backoff_s: float = Field(
-        default=0.005, gt=0, description="every replica full: a queued request is tried again after this, doubling"
+        default=0.025, gt=0, description="every replica full: a queued request is tried again after this, doubling"
     )
     router_max_backoff_s: float = Field(
-        default=0.02, gt=0, description="... up to this; the longest a freed slot waits for a queued request"
+        default=0.5, gt=0, description="... up to this; the longest a freed slot waits for a queued request"
     )
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="a request not answered within it (body upload included) gets 504"
@@ -461,9 +461,10 @@ def app_builder(args: ServeArgs) -> serve.Application:
         # Beyond the bounded queue Serve's proxy answers 503 at once, without touching a replica.
         max_queued_requests=args.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
-        # With every replica full, Serve's router looks again after a backoff (Ray's default: 25 ms doubling to 0.5 s)
-        # and nothing wakes it when a batch finishes: under sustained overload freed slots could stay empty for up to
-        # 0.5 s while accepted requests wait in the queue (docs/serving_benchmark.md, "Serve's router").
+        # With every replica full, Serve's router looks again after a backoff and nothing wakes it when a batch
+        # finishes. Ray's default (25 ms doubling to 0.5 s) leaves freed slots empty; 5 ms to 20 ms answered 5x the
+        # requests at 1x but left 2 % of the clients waiting a minute at 10x (docs/serving_benchmark.md, runs 6-7),
+        # so the default stays Ray's.
         request_router_config=RequestRouterConfig(
             initial_backoff_s=args.router_initial_backoff_s, max_backoff_s=args.router_max_backoff_s
         ),

@@ -331,26 +331,24 @@ def pretraining_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"training": cfg.training.model_copy(update=update)})
 
 
-def pretrained_uri(cfg: Config, architecture: str, inputs: train_data.RunInputs, run_dir: str) -> str:
-    """Where attribute pretraining saves ``architecture``'s backbone: keyed on architecture, image size and a hash
-    of what it learns from (the train and val URIs and attribute labels, the crop and face alignment) and how (its
-    recipe)."""
+def pretraining_digest(cfg: Config, inputs: train_data.RunInputs) -> str:
+    """A hash of what attribute pretraining learns from (the train and val URIs and attribute labels, the crop and
+    face alignment) and how (its recipe): with architecture and image size, the key of its weights files."""
     digest = hashlib.sha256()
     for split in train_data.SPLITS:
         digest.update(inputs.rows[split][["image_uri", *inputs.attributes]].to_csv(index=False).encode())
     recipe = pretraining_config(cfg)
     parts = [section.model_dump(mode="json") for section in (recipe.training, recipe.augment, recipe.models.head)]
     digest.update(json.dumps([*parts, recipe.data.crop_box, recipe.data.faces, recipe.data.seed]).encode())
-    height, width = cfg.data.image_size
-    key = f"{architecture}_{height}x{width}_{digest.hexdigest()[:16]}"
-    return storage.join(run_dir, PRETRAIN_DIR, f"{key}.weights.h5")
+    return digest.hexdigest()[:16]
 
 
 def pretrain_attributes(cfg: Config, inputs: train_data.RunInputs, run_dir: str) -> dict[str, str]:
     """Each ``attributes`` backbone's weights file, pretrained now (in parallel, through the Tune grid) unless the
     run directory already has it; returns ``{architecture: weights file}``."""
+    digest, (height, width) = pretraining_digest(cfg, inputs), cfg.data.image_size
     wanted = {
-        name: pretrained_uri(cfg, name, inputs, run_dir)
+        name: storage.join(run_dir, PRETRAIN_DIR, f"{name}_{height}x{width}_{digest}.weights.h5")
         for name in cfg.models.architectures
         if cfg.models.weights_for(name) == "attributes"
     }

@@ -236,14 +236,6 @@ def deploy(model_dir: str, port: int, overrides: list[str]) -> None:
     serving.start(serving.settings(config, ["num_gpus=0", *overrides], model=model_dir, host=HOST, port=port))
 
 
-def ray_router_defaults() -> list[str]:
-    """Overrides that give Serve's router Ray's own backoff instead of configs/serve.yaml's, to compare."""
-    from ray.serve.config import RequestRouterConfig
-
-    defaults = RequestRouterConfig()
-    return [f"router_initial_backoff_s={defaults.initial_backoff_s}", f"router_max_backoff_s={defaults.max_backoff_s}"]
-
-
 async def kill_under_load(port, bodies, rate, seconds, replicas_after: int) -> dict:
     """SIGKILL one replica 3 s into a load at ``rate``: what the requests due around the kill got, when requests are
     answered again and when ``replicas_after`` replicas run again."""
@@ -295,7 +287,7 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
         return f"{counts}, slowest {slowest:.1f} s"
 
     app_args = serving.application(serving.read_config(str(REPO / "configs" / "serve.yaml"))).args
-    overrides = dict(override.split("=", 1) for override in args.router)  # --ray-router-defaults
+    overrides = dict(override.split("=", 1) for override in args.router)  # --router-backoff
     settings = serving.ServeArgs.model_validate({**app_args, **overrides})
     one_x = levels[1]["p99_ms"]
     lines = [
@@ -309,7 +301,7 @@ def report(args, capacity: float, levels: dict, kill_one: dict, scale_s, kill_tw
         "",
         f"Serve's router, every replica full: looks again after {settings.router_initial_backoff_s:g} s, doubling up "
         f"to {settings.router_max_backoff_s:g} s"
-        + (" (Ray's defaults, `--ray-router-defaults`)." if args.ray_router_defaults else " (configs/serve.yaml)."),
+        + (" (`--router-backoff`)." if args.router else " (configs/serve.yaml)."),
         "",
         f"Capacity of one replica (closed loop, {settings.max_ongoing_requests} clients): **{capacity:.1f} requests/s**.",
         "",
@@ -392,14 +384,18 @@ def main() -> None:
         help="1x/3x/10x with the replica alone on the last core and the load generator, proxy and Ray on the others",
     )
     parser.add_argument(
-        "--ray-router-defaults",
-        action="store_true",
-        help="Serve's router with Ray's default backoff (25 ms doubling to 0.5 s), not configs/serve.yaml's, to compare",
+        "--router-backoff",
+        nargs=2,
+        type=float,
+        metavar=("INITIAL_S", "MAX_S"),
+        help="Serve's router backoff while every replica is full, instead of configs/serve.yaml's, to compare "
+        "(run 6: 0.005 0.02)",
     )
     parser.add_argument("--out", help="also write the markdown here")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
-    args.router = ray_router_defaults() if args.ray_router_defaults else []
+    initial, largest = args.router_backoff or (None, None)
+    args.router = [f"router_initial_backoff_s={initial}", f"router_max_backoff_s={largest}"] if initial else []
 
     bodies = [path.read_bytes() for path in sorted((Path(args.celeba_dir) / "img_align_celeba").glob("*.jpg"))[:16]]
     port = free_port()

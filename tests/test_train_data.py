@@ -129,3 +129,53 @@ def test_attribute_targets_travel_with_their_faces_streamed_and_cached(ray_sessi
         ds.iterator(), 24, TINY_SIZE, 24, cache=False, shuffle=False, seed=0, targets=only
     ).epoch(0)
     np.testing.assert_array_equal(y[:, 0], faces["Smiling"].to_numpy(np.float32)[positions([(pixels, y)], expected)])
+
+
+FAULTS_PER_STEP = """
+import resource, sys
+import numpy as np
+from genderrec import engines, models, train_data, training
+from genderrec.config import parse_config
+
+class ArrayBatches:  # SplitBatches' interface over arrays in memory: keras_input's from_generator is what matters
+    targets = train_data.Targets()
+    def __init__(self, pixels, labels):
+        self.pixels, self.labels = pixels, labels
+    def epoch(self, epoch):
+        for start in range(0, len(self.labels), 32):
+            yield self.pixels[start : start + 32], self.labels[start : start + 32]
+
+engines.limit_tensorflow_threads(1)
+size = (32, 32)
+cfg = parse_config({"data": {"manifest": "unused", "image_size": list(size)}, "training": {"batch_size": 32}})
+model = models.build_model("resnet50", "fine_tune", size, "none")
+training.compile_model(model, cfg, steps_per_epoch=8)
+rng = np.random.default_rng(0)
+batches = ArrayBatches(rng.integers(0, 256, (256, *size, 3), dtype=np.uint8), rng.integers(0, 2, 256).astype("float32"))
+data = train_data.keras_input(batches, size)
+model.fit(data, epochs=1, steps_per_epoch=8, verbose=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+model.fit(data, epochs=3, initial_epoch=1, steps_per_epoch=8, verbose=0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 16)
+"""
+
+
+def test_the_training_worker_environment_stops_page_faults_on_every_step():
+    """A Keras fit over ``keras_input`` faults its tensors in again every step under glibc's defaults; started with
+    ``training.WORKER_ENV`` (as Ray Train starts the workers) it does not."""
+    import os
+    import subprocess
+    import sys
+
+    from genderrec import training
+
+    def faults_per_step(extra_env: dict) -> float:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | extra_env
+        done = subprocess.run(
+            [sys.executable, "-c", FAULTS_PER_STEP], env=env, capture_output=True, text=True, timeout=300, check=True
+        )
+        return float(done.stdout.strip().splitlines()[-1])
+
+    default, tuned = faults_per_step({}), faults_per_step(training.WORKER_ENV)
+    assert default > 10_000, f"glibc's default no longer faults every step ({default:.0f} a step): recheck WORKER_ENV"
+    assert tuned < default / 20, (default, tuned)

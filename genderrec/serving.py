@@ -68,10 +68,10 @@ class ServeArgs(faces.FaceOptions):
     )
     retry_after_s: float = Field(default=1.0, ge=0, description="the Retry-After of 503s (whole seconds, rounded up)")
     router_initial_backoff_s: float = Field(
-        default=0.025, gt=0, description="every replica full: a queued request is tried again after this, doubling"
+        default=0.01, gt=0, description="every replica full: a queued request is tried again after this, doubling"
     )
     router_max_backoff_s: float = Field(
-        default=0.5, gt=0, description="... up to this; the longest a freed slot waits for a queued request"
+        default=0.1, gt=0, description="... up to this; the longest a freed slot waits for a queued request"
     )
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="a request not answered within it (body upload included) gets 504"

@@ -206,7 +206,7 @@ def test_builder_sets_replica_options(ray_session, tiny_model_dir):
     assert deployment._deployment_config.max_queued_requests == 32  # the default bound
     assert deployment.backpressure_config.status_code == 503 and deployment.backpressure_config.retry_after_s == 1
     router = deployment._deployment_config.request_router_config  # the backoff while every replica is full
-    assert (router.initial_backoff_s, router.backoff_multiplier, router.max_backoff_s) == (0.025, 2, 0.5)
+    assert (router.initial_backoff_s, router.backoff_multiplier, router.max_backoff_s) == (0.01, 2, 0.1)
     assert deployment._deployment_config.health_check_period_s == 5
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment.ray_actor_options["num_gpus"] == 0.5

@@ -88,7 +88,8 @@ def load_image(
 
 
 def augmentation(rotation_degrees: float, shift: float, zoom: float, horizontal_flip: bool, seed: int | None = None):
-    """The notebook's ImageDataGenerator augmentation, as Keras preprocessing layers.
+    """The notebook's ImageDataGenerator augmentation, as Keras preprocessing layers; ``None`` when every setting is
+    off (Keras cannot build an empty ``Sequential``).
 
     Always float32 pixels in and out: under a mixed ``training.precision`` they would otherwise compute in 16 bits.
     """
@@ -104,7 +105,7 @@ def augmentation(rotation_degrees: float, shift: float, zoom: float, horizontal_
         layers.append(keras.layers.RandomTranslation(shift, shift, **common))
     if zoom:
         layers.append(keras.layers.RandomZoom(zoom, **common))
-    return keras.Sequential(layers, name="augmentation")
+    return keras.Sequential(layers, name="augmentation") if layers else None
 
 
 def tf_dataset(

@@ -331,11 +331,12 @@ def attribute_names(cfg: Config, frame: pd.DataFrame, source: str) -> tuple[str,
 def pretraining_config(cfg: Config) -> Config:
     """The recipe of attribute pretraining: the runs' own, for ``models.pretrain_epochs`` when set, early stopping
     on the validation loss (accuracy over 39 attributes sits near their base rates and stopped VGG19 after 4 of 6
-    epochs in a make run)."""
+    epochs in a make run), without augmentation unless ``models.pretrain_augment`` (docs/local_leaderboard.md)."""
     update = {"epochs": cfg.models.pretrain_epochs or cfg.training.epochs}
     if cfg.training.early_stopping:
         update["early_stopping"] = cfg.training.early_stopping.model_copy(update={"monitor": "val_loss"})
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update=update)})
+    augment = cfg.augment if cfg.models.pretrain_augment else cfg.augment.off()
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update=update), "augment": augment})
 
 
 def pretraining_digest(cfg: Config, inputs: train_data.RunInputs) -> str:

@@ -125,6 +125,17 @@ def test_attribute_pretraining_stops_on_validation_loss():
     assert cfg.training.early_stopping.monitor == "val_accuracy"  # the runs keep theirs
 
 
+def test_attribute_pretraining_augments_only_when_asked():
+    from genderrec import images, training
+
+    base = {"data": {"manifest": "m"}, "augment": {"rotation_degrees": 10, "shift": 0.1, "zoom": 0.1}}
+    cfg = parse_config(base)
+    assert images.augmentation(**training.pretraining_config(cfg).augment.model_dump()) is None
+    assert training.pretraining_config(cfg).augment.shift == 0 and cfg.augment.shift == 0.1  # the runs keep theirs
+    asked = parse_config({**base, "models": {"pretrain_augment": True}})
+    assert training.pretraining_config(asked).augment == asked.augment
+
+
 def test_data_cache_modes_and_the_old_booleans():
     assert parse_config({"data": {"manifest": "m"}}).data.cache == "auto"
     assert parse_config({"data": {"manifest": "m", "cache": True}}).data.cache == "auto"

@@ -113,3 +113,5 @@ def test_augmentation_changes_training_images_only():
     assert not np.allclose(np.asarray(layer(batch, training=True)), batch)
     np.testing.assert_array_equal(np.asarray(layer(batch, training=False)), batch)
     assert [type(sub).__name__ for sub in layer.layers] == ["RandomFlip", "RandomRotation", "RandomTranslation"]
+    # every setting off: no augmentation, which the training input skips (an empty Sequential cannot be built)
+    assert images.augmentation(rotation_degrees=0, shift=0, zoom=0, horizontal_flip=False) is None

@@ -87,9 +87,19 @@ def load_image(
     return resize(decode_image(data, max_pixels=max_pixels), size, crop_box)
 
 
-def augmentation(rotation_degrees: float, shift: float, zoom: float, horizontal_flip: bool, seed: int | None = None):
-    """The notebook's ImageDataGenerator augmentation, as Keras preprocessing layers; ``None`` when every setting is
-    off (Keras cannot build an empty ``Sequential``).
+def augmentation(
+    rotation_degrees: float,
+    shift: float,
+    zoom: float,
+    horizontal_flip: bool,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    blur: float = 0.0,
+    seed: int | None = None,
+):
+    """The notebook's ImageDataGenerator augmentation (and :class:`~genderrec.config.AugmentConfig`'s colour and
+    blur), as Keras preprocessing layers on 0..255 pixels; ``None`` when every setting is off (Keras cannot build
+    an empty ``Sequential``).
 
     Always float32 pixels in and out: under a mixed ``training.precision`` they would otherwise compute in 16 bits.
     """
@@ -105,6 +115,13 @@ def augmentation(rotation_degrees: float, shift: float, zoom: float, horizontal_
         layers.append(keras.layers.RandomTranslation(shift, shift, **common))
     if zoom:
         layers.append(keras.layers.RandomZoom(zoom, **common))
+    colour = {"value_range": (0, 255), "seed": seed, "dtype": "float32"}
+    if brightness:
+        layers.append(keras.layers.RandomBrightness(brightness, **colour))
+    if contrast:
+        layers.append(keras.layers.RandomContrast(contrast, **colour))
+    if blur:
+        layers.append(keras.layers.RandomGaussianBlur((blur, blur), kernel_size=5, sigma=(0.5, 1.5), **colour))
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 

@@ -115,3 +115,14 @@ def test_augmentation_changes_training_images_only():
     assert [type(sub).__name__ for sub in layer.layers] == ["RandomFlip", "RandomRotation", "RandomTranslation"]
     # every setting off: no augmentation, which the training input skips (an empty Sequential cannot be built)
     assert images.augmentation(rotation_degrees=0, shift=0, zoom=0, horizontal_flip=False) is None
+
+
+def test_colour_and_blur_augmentation_keep_the_pixel_range():
+    off = {"rotation_degrees": 0, "shift": 0, "zoom": 0, "horizontal_flip": False}
+    layer = images.augmentation(**off, brightness=0.3, contrast=0.3, blur=1.0, seed=1)
+    assert [type(sub).__name__ for sub in layer.layers] == ["RandomBrightness", "RandomContrast", "RandomGaussianBlur"]
+    batch = np.random.default_rng(0).uniform(0, 255, (4, 40, 32, 3)).astype("float32")
+    out = np.asarray(layer(batch, training=True))
+    assert out.min() >= 0 and out.max() <= 255
+    # blurred: neighbouring pixels of uniform noise move closer together
+    assert np.abs(np.diff(out, axis=1)).mean() < 0.7 * np.abs(np.diff(batch, axis=1)).mean()

@@ -24,13 +24,16 @@ from genderrec.config import HeadConfig
 
 @dataclass(frozen=True)
 class Architecture:
-    """A backbone builder (``include_top=False``) with its preprocessing and whether Keras ships ImageNet weights."""
+    """A backbone builder (``include_top=False``) with its preprocessing and whether Keras ships ImageNet weights;
+    ``he_init``: from random weights, its convolutions start from He-normal kernels (as torchvision's VGG) instead
+    of Keras' Glorot-uniform."""
 
     name: str
     backbone: Callable[..., keras.Model]
     preprocess: Callable
     preprocessing_name: str
     has_imagenet_weights: bool = True
+    he_init: bool = False
 
 
 def _googlenet_preprocess(x):
@@ -92,11 +95,21 @@ def googlenet(include_top=False, weights=None, input_shape=None, name="googlenet
 
 
 REGISTRY: dict[str, Architecture] = {
+    # VGG has no batch normalisation: under Glorot-uniform kernels each ReLU layer halves the signal's variance
+    # (He et al. 2015); a VGG19 attribute pretraining at 40x32 stayed at the attributes' base rates (_he_init).
     "vgg16": Architecture(
-        "vgg16", keras.applications.VGG16, keras.applications.vgg16.preprocess_input, "vgg16.preprocess_input"
+        "vgg16",
+        keras.applications.VGG16,
+        keras.applications.vgg16.preprocess_input,
+        "vgg16.preprocess_input",
+        he_init=True,
     ),
     "vgg19": Architecture(
-        "vgg19", keras.applications.VGG19, keras.applications.vgg19.preprocess_input, "vgg19.preprocess_input"
+        "vgg19",
+        keras.applications.VGG19,
+        keras.applications.vgg19.preprocess_input,
+        "vgg19.preprocess_input",
+        he_init=True,
     ),
     "googlenet": Architecture(
         "googlenet", googlenet, _googlenet_preprocess, "scale to [-1, 1]", has_imagenet_weights=False
@@ -160,6 +173,21 @@ def describe_weights(source: str, file: str | None = None) -> str:
     return {"imagenet": "imagenet", "none": "none (random init)"}.get(source, f"file: {source}")
 
 
+# He-normal kernels keep unit-variance inputs at unit variance through ReLU layers; VGG's caffe preprocessing leaves
+# pixels at a standard deviation of about 64, so the first layer's kernels are scaled down by as much. Measured on
+# attribute pretraining at 40x32 (6 epochs at 3e-4, then a head on the frozen backbone, val ROC-AUC for Male):
+# VGG19 0.962 (Glorot: stayed at the attributes' base rates), VGG16 0.963 (Glorot 0.963; He without the scaling:
+# diverged in its first epoch and never recovered).
+FIRST_LAYER_INPUT_STD = 64.0
+
+
+def _he_init(backbone: keras.Model) -> None:
+    convolutions = [layer for layer in backbone.layers if isinstance(layer, layers.Conv2D)]
+    for index, layer in enumerate(convolutions):
+        kernel = keras.initializers.HeNormal()(layer.kernel.shape)
+        layer.kernel.assign(kernel / FIRST_LAYER_INPUT_STD if index == 0 else kernel)
+
+
 def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str = "none") -> keras.Model:
     """Build a backbone with ``weights`` = ``imagenet`` (Keras download or ``$KERAS_HOME`` cache), ``none``, or a file."""
     arch = architecture(name)
@@ -168,6 +196,8 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str = 
             raise ValueError(f"{name} has no official Keras ImageNet weights: give a weights file (local or s3://)")
         return arch.backbone(include_top=False, weights="imagenet", input_shape=input_shape)
     backbone = arch.backbone(include_top=False, weights=None, input_shape=input_shape)
+    if arch.he_init and weights in ("none", None):
+        _he_init(backbone)
     if weights not in ("none", None):
         suffix = ".weights.h5" if weights.endswith(".weights.h5") else ".h5"
         with storage.local_path(weights, suffix=suffix) as path:

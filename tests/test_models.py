@@ -90,6 +90,19 @@ def test_googlenet_has_no_imagenet_weights():
         models.build_backbone("googlenet", (32, 32, 3), "imagenet")
 
 
+def test_vgg_from_random_weights_keeps_the_signal_through_its_relu_layers():
+    """He-normal kernels (std sqrt(2 / fan_in)): Keras' Glorot default would shrink the activations layer by layer."""
+    backbone = models.build_backbone("vgg19", (32, 32, 3), "none")
+    convolutions = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)]
+    for index, layer in enumerate(convolutions):
+        kernel = np.asarray(layer.kernel)
+        he_std = np.sqrt(2 / np.prod(kernel.shape[:3])) / (models.FIRST_LAYER_INPUT_STD if index == 0 else 1)
+        assert 0.7 < kernel.std() / he_std < 1.1, layer.name  # truncated normal: ~0.88
+    # pixels as VGG's preprocessing leaves them (std about 64) come out near unit scale (Glorot: 0.014, He alone: 18)
+    x = np.random.default_rng(0).normal(scale=64, size=(4, 32, 32, 3)).astype("float32")
+    assert 0.1 < np.asarray(backbone(x)).std() < 5
+
+
 @pytest.mark.parametrize("name", ["vgg16", "googlenet"])
 def test_backbone_weights_from_a_file(tmp_path, name):
     source = models.build_backbone(name, (32, 32, 3), "none")

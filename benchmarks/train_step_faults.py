@@ -22,7 +22,7 @@ import ray
 import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
-from genderrec import engines, models, train_data, training
+from genderrec import engines, images, models, train_data, training
 from genderrec.config import parse_config
 
 BATCH = 32
@@ -37,7 +37,8 @@ def worker_loop(config: dict) -> None:
     training.compile_model(model, cfg, steps)
     shard = ray.train.get_dataset_shard("train")
     batches = train_data.SplitBatches(shard, rows, size, BATCH, cache=True, shuffle=True, seed=0)
-    data = train_data.keras_input(batches, size)
+    augment = images.augmentation(rotation_degrees=10, shift=0.1, zoom=0.1, horizontal_flip=True, seed=0)
+    data = train_data.keras_input(batches, size, augment=augment if config["augment"] else None)
     model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     model.fit(data, epochs=3, initial_epoch=1, steps_per_epoch=steps, verbose=0)
@@ -60,7 +61,12 @@ def worker_loop(config: dict) -> None:
 def measure(dataset, args, env: dict, storage: str) -> dict:
     trainer = TensorflowTrainer(
         worker_loop,
-        train_loop_config={"size": args.size, "rows": args.rows, "architecture": args.architecture},
+        train_loop_config={
+            "size": args.size,
+            "rows": args.rows,
+            "architecture": args.architecture,
+            "augment": args.augment,
+        },
         datasets={"train": dataset},
         dataset_config=train_data.data_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
@@ -76,6 +82,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[40, 32])
     parser.add_argument("--architecture", default="resnet50")
     parser.add_argument("--rows", type=int, default=640, help="images per epoch (a multiple of 32)")
+    parser.add_argument("--augment", action="store_true", help="configs/local.yaml's augmentation, as a run has it")
     args = parser.parse_args()
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -90,6 +97,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; load {os.getloadavg()}")
     print(
         f"{args.architecture} fine_tune {args.size[0]}x{args.size[1]}, batch {BATCH}, 1 thread, cached Ray Data input"
+        + (", augmented" if args.augment else "")
     )
     print(f"{'worker env':<12} {'MALLOC_TOP_PAD_':>16} {'s/step':>8} {'faults/step':>12} {'kernel CPU':>10}")
     for label, row in results.items():

@@ -23,9 +23,10 @@ import ray.train
 from ray.train.tensorflow import TensorflowTrainer
 
 from genderrec import engines, images, models, train_data, training
-from genderrec.config import parse_config
+from genderrec.config import load_config, parse_config
 
 BATCH = 32
+LOCAL_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "local.yaml")  # --augment's settings
 
 
 def worker_loop(config: dict) -> None:
@@ -37,7 +38,7 @@ def worker_loop(config: dict) -> None:
     training.compile_model(model, cfg, steps)
     shard = ray.train.get_dataset_shard("train")
     batches = train_data.SplitBatches(shard, rows, size, BATCH, cache=True, shuffle=True, seed=0)
-    augment = images.augmentation(rotation_degrees=10, shift=0.1, zoom=0.1, horizontal_flip=True, seed=0)
+    augment = images.augmentation(**load_config(LOCAL_CONFIG).augment.model_dump(), seed=0)
     data = train_data.keras_input(batches, size, augment=augment if config["augment"] else None)
     model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0)
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

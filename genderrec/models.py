@@ -196,9 +196,10 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str = 
             raise ValueError(f"{name} has no official Keras ImageNet weights: give a weights file (local or s3://)")
         return arch.backbone(include_top=False, weights="imagenet", input_shape=input_shape)
     backbone = arch.backbone(include_top=False, weights=None, input_shape=input_shape)
-    if arch.he_init and weights in ("none", None):
-        _he_init(backbone)
-    if weights not in ("none", None):
+    if weights in ("none", None):
+        if arch.he_init:
+            _he_init(backbone)
+    else:
         suffix = ".weights.h5" if weights.endswith(".weights.h5") else ".h5"
         with storage.local_path(weights, suffix=suffix) as path:
             backbone.load_weights(path)

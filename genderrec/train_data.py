@@ -12,6 +12,7 @@ as a ``uint8`` matrix next to ``male``, and each run takes the :class:`Targets` 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
@@ -350,6 +351,24 @@ def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augm
         male = (lambda y: y) if label_width is None else (lambda y: y[:, 0])
         ds = ds.map(lambda x, y: (x, y, tf.gather(weights, tf.cast(male(y), tf.int32))))
     return ds.prefetch(PREFETCH_BATCHES)
+
+
+# glibc's mallopt parameter, and the largest threshold it takes (half of its 64 MiB per-thread heaps)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+
+
+def restore_mmap_threshold() -> None:
+    """Undo what ``tf.data.Dataset.from_generator`` does to malloc under Python 3.11: when its kernel is built,
+    TensorFlow's ``ApplyPython311MemoryPatch`` calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, so every tensor over
+    128 KiB (ResNet50's 9 MiB kernels' gradients) became a fresh mmap, faulted in page by page and unmapped after
+    each step: 50,000-85,000 minor faults a second in a pretraining worker (docs/train_throughput.md). Tensors
+    below this threshold come from malloc's heaps again, kept by ``training.WORKER_ENV``'s top pad."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:  # not glibc: nothing was changed
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def steps(rows: int, batch_size: int) -> int:

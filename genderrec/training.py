@@ -131,6 +131,19 @@ def _report_callback(cfg: Config, state: dict):
     return ReportCheckpoint()
 
 
+def _malloc_callback():
+    """A Keras callback that restores malloc's mmap threshold once each epoch's generators have been built (the
+    training input's before its first batch, the validation input's in the first epoch's end)."""
+    import keras
+
+    class RestoreMmapThreshold(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch < 2:
+                train_data.restore_mmap_threshold()
+
+    return RestoreMmapThreshold()
+
+
 def train_run(loop_config: dict) -> dict:
     """Ray Train worker loop for one (architecture, mode); returns the run's history and state."""
     import keras
@@ -190,7 +203,7 @@ def train_run(loop_config: dict) -> dict:
             initial_epoch=state["epoch"],
             steps_per_epoch=steps_per_epoch,
             validation_steps=train_data.steps(counts["val"], cfg.training.batch_size) if counts["val"] else None,
-            callbacks=[_report_callback(cfg, state)],
+            callbacks=[_malloc_callback(), _report_callback(cfg, state)],
             verbose=2,
         )
     return {**state, **models.parameter_counts(models.served(model))}

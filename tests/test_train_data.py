@@ -179,3 +179,42 @@ def test_the_training_worker_environment_stops_page_faults_on_every_step():
     default, tuned = faults_per_step({}), faults_per_step(training.WORKER_ENV)
     assert default > 10_000, f"glibc's default no longer faults every step ({default:.0f} a step): recheck WORKER_ENV"
     assert tuned < default / 20, (default, tuned)
+
+
+MMAP_FAULTS = """
+import resource
+import numpy as np
+import tensorflow as tf
+from genderrec import train_data
+
+def faults_per_9_mib_array():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        np.ones(9 * 2**20, dtype=np.uint8)  # allocated, written and freed, as a 9 MiB gradient is in a step
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+
+dataset = tf.data.Dataset.from_generator(lambda: iter([np.zeros(2)]), output_signature=tf.TensorSpec((2,), tf.float64))
+next(iter(dataset))  # builds the generator's kernel: TensorFlow sets malloc's mmap threshold to 128 KiB
+patched = faults_per_9_mib_array()
+train_data.restore_mmap_threshold()
+print(patched, faults_per_9_mib_array())
+"""
+
+
+def test_training_restores_the_mmap_threshold_that_tf_data_generators_lower():
+    """Under Python 3.11 a ``from_generator`` dataset makes every allocation over 128 KiB a fresh mmap (each 9 MiB
+    array faulted in again: 772 faults an array here, 2026-12-02); after ``restore_mmap_threshold`` in a process started with
+    ``training.WORKER_ENV`` (as training workers are) the same arrays reuse malloc's heap."""
+    import os
+    import subprocess
+    import sys
+
+    from genderrec import training
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | training.WORKER_ENV
+    done = subprocess.run(
+        [sys.executable, "-c", MMAP_FAULTS], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    patched, restored = (float(value) for value in done.stdout.strip().splitlines()[-1].split())
+    assert patched > 300, f"tf.data no longer lowers the mmap threshold ({patched:.0f} faults per array)"
+    assert restored < patched / 20, (patched, restored)

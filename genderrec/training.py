@@ -36,7 +36,8 @@ PRETRAIN_DIR = "pretrain"  # <run_dir>/pretrain/<key>/ (Ray Train run) and <key>
 # tf.data generator over the dataset shard) their own malloc arenas and gives those back to the kernel after each
 # step, so every step faulted its tensors' pages in afresh: 73,000 minor page faults a step and 0.40 s against 0.30
 # s for ResNet50 at 40x32 (0.99 against 0.90 at 96x80), a third of the worker's CPU in the kernel. Keeping 64 MiB
-# at the top of each arena when it is trimmed stops it (benchmarks/train_step_faults.py).
+# at the top of each arena when it is trimmed stops it (benchmarks/train_step_faults.py), together with
+# train_data.restore_mmap_threshold, which undoes the 128 KiB mmap threshold tf.data's generator sets.
 WORKER_ENV = {"MALLOC_TOP_PAD_": str(64 * 2**20)}
 
 

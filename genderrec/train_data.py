@@ -361,8 +361,9 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20
 def restore_mmap_threshold() -> None:
     """Undo what ``tf.data.Dataset.from_generator`` does to malloc under Python 3.11: when its kernel is built,
     TensorFlow's ``ApplyPython311MemoryPatch`` calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, so every tensor over
-    128 KiB (ResNet50's 9 MiB kernels' gradients) became a fresh mmap, faulted in page by page and unmapped after
-    each step: 50,000-85,000 minor faults a second in a pretraining worker (docs/train_throughput.md). Tensors
+    128 KiB (the 9 MiB copies of ResNet50's 3x3x512x512 kernels that each backward pass makes) became a fresh mmap,
+    faulted in page by page and unmapped after each step: 45,000-85,000 minor faults a second in a pretraining
+    worker (docs/train_throughput.md). Tensors
     below this threshold come from malloc's heaps again, kept by ``training.WORKER_ENV``'s top pad."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

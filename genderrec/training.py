@@ -133,8 +133,8 @@ def _report_callback(cfg: Config, state: dict):
 
 
 def _malloc_callback():
-    """A Keras callback that restores malloc's mmap threshold once each epoch's generators have been built (the
-    training input's before its first batch, the validation input's in the first epoch's end)."""
+    """A Keras callback that restores malloc's mmap threshold at each epoch's first batches, after the generators
+    were built: the training input's as ``fit`` starts, the validation input's at the end of the first epoch."""
     import keras
 
     class RestoreMmapThreshold(keras.callbacks.Callback):

@@ -190,7 +190,7 @@ from genderrec import train_data
 def faults_per_9_mib_array():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
-        np.ones(9 * 2**20, dtype=np.uint8)  # allocated, written and freed, as a 9 MiB gradient is in a step
+        np.ones(9 * 2**20, dtype=np.uint8)  # allocated, written and freed, as a 9 MiB tensor is in a step
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
 
 dataset = tf.data.Dataset.from_generator(lambda: iter([np.zeros(2)]), output_signature=tf.TensorSpec((2,), tf.float64))

@@ -334,6 +334,7 @@ def keras_input(batches: SplitBatches, image_size, *, first_epoch: int = 0, augm
     height, width = image_size
 
     def generate():
+        restore_mmap_threshold()  # TensorFlow lowered it when it built this generator's kernel, just before
         for epoch in itertools.count(first_epoch):
             yield from batches.epoch(epoch)
 
@@ -363,8 +364,8 @@ def restore_mmap_threshold() -> None:
     TensorFlow's ``ApplyPython311MemoryPatch`` calls ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, so every tensor over
     128 KiB (the 9 MiB copies of ResNet50's 3x3x512x512 kernels that each backward pass makes) became a fresh mmap,
     faulted in page by page and unmapped after each step: 45,000-85,000 minor faults a second in a pretraining
-    worker (docs/train_throughput.md). Tensors
-    below this threshold come from malloc's heaps again, kept by ``training.WORKER_ENV``'s top pad."""
+    worker (docs/train_throughput.md). Tensors below this threshold come from malloc's heaps again, kept by
+    ``training.WORKER_ENV``'s top pad. :func:`keras_input`'s generator calls it as it starts."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:  # not glibc: nothing was changed

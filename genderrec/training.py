@@ -37,7 +37,8 @@ PRETRAIN_DIR = "pretrain"  # <run_dir>/pretrain/<key>/ (Ray Train run) and <key>
 # step, so every step faulted its tensors' pages in afresh: 73,000 minor page faults a step and 0.40 s against 0.30
 # s for ResNet50 at 40x32 (0.99 against 0.90 at 96x80), a third of the worker's CPU in the kernel. Keeping 64 MiB
 # at the top of each arena when it is trimmed stops it (benchmarks/train_step_faults.py), together with
-# train_data.restore_mmap_threshold, which undoes the 128 KiB mmap threshold tf.data's generator sets.
+# train_data.restore_mmap_threshold (keras_input's generator calls it), which undoes the 128 KiB mmap threshold
+# tf.data's generator sets.
 WORKER_ENV = {"MALLOC_TOP_PAD_": str(64 * 2**20)}
 
 
@@ -132,19 +133,6 @@ def _report_callback(cfg: Config, state: dict):
     return ReportCheckpoint()
 
 
-def _malloc_callback():
-    """A Keras callback that restores malloc's mmap threshold at each epoch's first batches, after the generators
-    were built: the training input's as ``fit`` starts, the validation input's at the end of the first epoch."""
-    import keras
-
-    class RestoreMmapThreshold(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if batch < 2:
-                train_data.restore_mmap_threshold()
-
-    return RestoreMmapThreshold()
-
-
 def train_run(loop_config: dict) -> dict:
     """Ray Train worker loop for one (architecture, mode); returns the run's history and state."""
     import keras
@@ -204,7 +192,7 @@ def train_run(loop_config: dict) -> dict:
             initial_epoch=state["epoch"],
             steps_per_epoch=steps_per_epoch,
             validation_steps=train_data.steps(counts["val"], cfg.training.batch_size) if counts["val"] else None,
-            callbacks=[_malloc_callback(), _report_callback(cfg, state)],
+            callbacks=[_report_callback(cfg, state)],
             verbose=2,
         )
     return {**state, **models.parameter_counts(models.served(model))}

@@ -187,8 +187,8 @@ def test_the_training_worker_environment_stops_page_faults_on_every_step():
     assert tuned < default / 20, (default, tuned)
 
 
-MMAP_FAULTS = """
-import resource
+MMAPPED_CHUNKS = """
+import ctypes
 import numpy as np
 import tensorflow as tf
 from genderrec import train_data
@@ -198,26 +198,33 @@ class OneBatch:  # SplitBatches' interface over one array in memory
     def epoch(self, epoch):
         yield np.zeros((1, 2, 2, 3), np.uint8), np.zeros(1, np.float32)
 
-def faults_per_9_mib_array():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        np.ones(9 * 2**20, dtype=np.uint8)  # allocated, written and freed, as a 9 MiB tensor is in a step
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: hblks counts the chunks malloc got from mmap
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+
+def mmapped_by_a_9_mib_array():
+    before = mallinfo2().hblks
+    held = np.ones(9 * 2**20, dtype=np.uint8)  # the size of the kernel copies a ResNet50 backward pass makes
+    return mallinfo2().hblks - before
 
 plain = tf.data.Dataset.from_generator(lambda: iter([np.zeros(2)]), output_signature=tf.TensorSpec((2,), tf.float64))
 next(iter(plain))  # builds the generator's kernel: TensorFlow sets malloc's mmap threshold to 128 KiB
-patched = faults_per_9_mib_array()
+patched = mmapped_by_a_9_mib_array()
 next(iter(train_data.keras_input(OneBatch(), (2, 2))))  # its kernel lowers it again; its generator restores it
-print(patched, faults_per_9_mib_array())
+print(patched, mmapped_by_a_9_mib_array())
 """
 
 
 def test_the_training_input_restores_the_mmap_threshold_that_tf_data_generators_lower():
-    """Under Python 3.11 a ``from_generator`` dataset makes every allocation over 128 KiB a fresh mmap (each 9 MiB
-    array faulted in again: 261-772 faults an array here, 2026-12-02); once ``keras_input``'s generator has started, in
-    a process started with ``training.WORKER_ENV`` (as training workers are), the same arrays reuse malloc's heap."""
+    """Under Python 3.11 a ``from_generator`` dataset makes every allocation over 128 KiB a fresh mmap (a 9 MiB array
+    faulted in again each time: 261-772 faults an array here, 2026-12-02); once ``keras_input``'s generator has
+    started, the same array comes from malloc's heap. glibc's own count of mmapped chunks tells which, where fault
+    counts vary with what the heap happens to hold."""
     from genderrec import training
 
-    patched, restored = (float(value) for value in last_line_of(MMAP_FAULTS, training.WORKER_ENV).split())
-    assert patched > 100, f"tf.data no longer lowers the mmap threshold ({patched:.0f} faults per array)"
-    assert restored < patched / 20, (patched, restored)
+    patched, restored = (int(value) for value in last_line_of(MMAPPED_CHUNKS, training.WORKER_ENV).split())
+    assert patched == 1, f"tf.data no longer lowers the mmap threshold (a 9 MiB array made {patched} mmapped chunks)"
+    assert restored == 0, f"the threshold was not restored: a 9 MiB array was still mmapped ({restored} chunks)"

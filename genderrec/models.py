@@ -12,6 +12,7 @@ is kept). :func:`served` cuts a training model down to p(male), the only output 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,15 +26,14 @@ from genderrec.config import HeadConfig
 @dataclass(frozen=True)
 class Architecture:
     """A backbone builder (``include_top=False``) with its preprocessing and whether Keras ships ImageNet weights;
-    ``he_init``: from random weights, its convolutions start from He-normal kernels (as torchvision's VGG) instead
-    of Keras' Glorot-uniform."""
+    ``random_init``: what it changes in Keras' initialisation when it starts from random weights."""
 
     name: str
     backbone: Callable[..., keras.Model]
     preprocess: Callable
     preprocessing_name: str
     has_imagenet_weights: bool = True
-    he_init: bool = False
+    random_init: Callable[[keras.Model], None] | None = None
 
 
 def _googlenet_preprocess(x):
@@ -94,31 +94,63 @@ def googlenet(include_top=False, weights=None, input_shape=None, name="googlenet
     return keras.Model(inputs, x, name=name)
 
 
+# He-normal kernels keep unit-variance inputs at unit variance through ReLU layers; VGG's caffe preprocessing leaves
+# pixels at a standard deviation of about 64, so the first layer's kernels are scaled down by as much. Measured on
+# attribute pretraining at 40x32 (6 epochs at 3e-4, then a head on the frozen backbone, val ROC-AUC for Male):
+# VGG19 0.962 (Glorot: stayed at the attributes' base rates), VGG16 0.963 (Glorot 0.963; He without the scaling:
+# diverged in its first epoch and never recovered).
+FIRST_LAYER_INPUT_STD = 64.0
+
+
+def _he_init(backbone: keras.Model) -> None:
+    convolutions = [layer for layer in backbone.layers if isinstance(layer, layers.Conv2D)]
+    for index, layer in enumerate(convolutions):
+        kernel = keras.initializers.HeNormal()(layer.kernel.shape)
+        layer.kernel.assign(kernel / FIRST_LAYER_INPUT_STD if index == 0 else kernel)
+
+
+# Goyal et al. 2017 ("zero-init residual", as torchvision's ``zero_init_residual``): each residual block starts as
+# its shortcut, so a deep ResNet from random weights first trains like a shallow one.
+def _zero_init_residuals(backbone: keras.Model) -> None:
+    for layer in backbone.layers:
+        if re.fullmatch(r"conv\d_block\d+_3_bn", layer.name):
+            layer.gamma.assign(keras.ops.zeros_like(layer.gamma))
+
+
 REGISTRY: dict[str, Architecture] = {
     # VGG has no batch normalisation: under Glorot-uniform kernels each ReLU layer halves the signal's variance
     # (He et al. 2015); a VGG19 attribute pretraining at 40x32 stayed at the attributes' base rates (_he_init).
+    # ResNet from random weights starts with its residual branches off (_zero_init_residuals).
     "vgg16": Architecture(
         "vgg16",
         keras.applications.VGG16,
         keras.applications.vgg16.preprocess_input,
         "vgg16.preprocess_input",
-        he_init=True,
+        random_init=_he_init,
     ),
     "vgg19": Architecture(
         "vgg19",
         keras.applications.VGG19,
         keras.applications.vgg19.preprocess_input,
         "vgg19.preprocess_input",
-        he_init=True,
+        random_init=_he_init,
     ),
     "googlenet": Architecture(
         "googlenet", googlenet, _googlenet_preprocess, "scale to [-1, 1]", has_imagenet_weights=False
     ),
     "resnet50": Architecture(
-        "resnet50", keras.applications.ResNet50, keras.applications.resnet50.preprocess_input, "resnet.preprocess_input"
+        "resnet50",
+        keras.applications.ResNet50,
+        keras.applications.resnet50.preprocess_input,
+        "resnet.preprocess_input",
+        random_init=_zero_init_residuals,
     ),
     "resnet101": Architecture(
-        "resnet101", keras.applications.ResNet101, keras.applications.resnet.preprocess_input, "resnet.preprocess_input"
+        "resnet101",
+        keras.applications.ResNet101,
+        keras.applications.resnet.preprocess_input,
+        "resnet.preprocess_input",
+        random_init=_zero_init_residuals,
     ),
 }
 
@@ -173,21 +205,6 @@ def describe_weights(source: str, file: str | None = None) -> str:
     return {"imagenet": "imagenet", "none": "none (random init)"}.get(source, f"file: {source}")
 
 
-# He-normal kernels keep unit-variance inputs at unit variance through ReLU layers; VGG's caffe preprocessing leaves
-# pixels at a standard deviation of about 64, so the first layer's kernels are scaled down by as much. Measured on
-# attribute pretraining at 40x32 (6 epochs at 3e-4, then a head on the frozen backbone, val ROC-AUC for Male):
-# VGG19 0.962 (Glorot: stayed at the attributes' base rates), VGG16 0.963 (Glorot 0.963; He without the scaling:
-# diverged in its first epoch and never recovered).
-FIRST_LAYER_INPUT_STD = 64.0
-
-
-def _he_init(backbone: keras.Model) -> None:
-    convolutions = [layer for layer in backbone.layers if isinstance(layer, layers.Conv2D)]
-    for index, layer in enumerate(convolutions):
-        kernel = keras.initializers.HeNormal()(layer.kernel.shape)
-        layer.kernel.assign(kernel / FIRST_LAYER_INPUT_STD if index == 0 else kernel)
-
-
 def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str = "none") -> keras.Model:
     """Build a backbone with ``weights`` = ``imagenet`` (Keras download or ``$KERAS_HOME`` cache), ``none``, or a file."""
     arch = architecture(name)
@@ -197,8 +214,8 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str = 
         return arch.backbone(include_top=False, weights="imagenet", input_shape=input_shape)
     backbone = arch.backbone(include_top=False, weights=None, input_shape=input_shape)
     if weights in ("none", None):
-        if arch.he_init:
-            _he_init(backbone)
+        if arch.random_init:
+            arch.random_init(backbone)
     else:
         suffix = ".weights.h5" if weights.endswith(".weights.h5") else ".h5"
         with storage.local_path(weights, suffix=suffix) as path:

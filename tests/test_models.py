@@ -103,6 +103,18 @@ def test_vgg_from_random_weights_keeps_the_signal_through_its_relu_layers():
     assert 0.1 < np.asarray(backbone(x)).std() < 5
 
 
+@pytest.mark.parametrize(("name", "blocks"), [("resnet50", 3 + 4 + 6 + 3), ("resnet101", 3 + 4 + 23 + 3)])
+def test_resnet_from_random_weights_starts_each_residual_block_as_its_shortcut(name, blocks):
+    """Zero-init residual (Goyal et al. 2017): every block's residual branch adds exactly zero at first."""
+    backbone = models.build_backbone(name, (32, 32, 3), "none")
+    branch_ends = [layer for layer in backbone.layers if layer.name.endswith("_3_bn")]
+    assert len(branch_ends) == blocks
+    residuals = keras.Model(backbone.input, [layer.output for layer in branch_ends])
+    x = np.random.default_rng(0).normal(scale=64, size=(2, 32, 32, 3)).astype("float32")
+    assert all(not np.asarray(residual).any() for residual in residuals(x))
+    assert np.asarray(backbone(x)).std() > 0
+
+
 @pytest.mark.parametrize("name", ["vgg16", "googlenet"])
 def test_backbone_weights_from_a_file(tmp_path, name):
     source = models.build_backbone(name, (32, 32, 3), "none")

@@ -1,6 +1,7 @@
 """Overload and fault benchmark: one replica offered 1x, 3x and 10x its capacity, a SIGKILLed replica, autoscaling.
 
     python benchmarks/serve_overload.py --out overload.md     # ~5 min, loopback only, stops by itself
+    RAY_SERVE_ENABLE_HA_PROXY=1 python benchmarks/serve_overload.py --out overload_haproxy.md   # Ray's HAProxy ingress
 
 The app of ``configs/serve.yaml`` (its overload settings: bounded queue, 503 with Retry-After, time-outs) on a local
 Ray with 2 CPUs, model ``--model`` or an untrained export (speed does not depend on the weights):
@@ -165,14 +166,26 @@ def running_replicas() -> list[int]:
 
 
 def proxies() -> list[int]:
-    """PIDs of Serve's proxy actors (one here: ``proxy_location: HeadOnly``)."""
+    """PIDs of Serve's ingress (one here: ``proxy_location: HeadOnly``): its proxy actor, or with
+    ``RAY_SERVE_ENABLE_HA_PROXY=1`` the HAProxyManager actor and the haproxy processes it runs."""
     from ray._private import state
 
-    return [
+    actors = [
         actor["Pid"]
         for actor in state.actors().values()
-        if actor["State"] == "ALIVE" and actor["ActorClassName"].endswith("ProxyActor")
+        if actor["State"] == "ALIVE" and actor["ActorClassName"].endswith(("ProxyActor", "HAProxyManager"))
     ]
+    return actors + [child for pid in actors for child in children(pid)]
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the processes ``pid`` started (from /proc/<pid>/task/*/children), and theirs."""
+    found = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in map(int, listing.read_text().split()):
+                found += [child, *children(child)]
+    return found
 
 
 def cpu_seconds(pids: list[int]) -> float:

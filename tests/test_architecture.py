@@ -161,7 +161,9 @@ def test_tensorflow_start_up_messages_are_off_unless_asked_for(tiny_bundle):
     noise = [line for line in quiet.stderr.splitlines() if any(word.lower() in line.lower() for word in TF_NOISE)]
     assert noise == [], noise
     loud = run_genderrec(args, GENDERREC_TF_LOGS="1")
-    assert loud.returncode == 0 and "oneDNN" in loud.stderr  # what the switch turns back on (and what was hidden)
+    # what the switch turns back on (and what was hidden): which notices TensorFlow prints depends on the machine
+    # (oneDNN's on the CI machines, only CUDA's cuInit failure on another VM of the same kind, 2026-12-02)
+    assert loud.returncode == 0 and any(word.lower() in loud.stderr.lower() for word in TF_NOISE), loud.stderr
 
 
 def test_ray_workers_start_quiet_too(tmp_path):

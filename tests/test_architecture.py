@@ -141,6 +141,11 @@ def tiny_bundle(tmp_path_factory, celeba_manifest):
 TF_NOISE = ("oneDNN", "cuda", "TF-TRT", "absl::InitializeLog", "cpu_feature_guard")
 
 
+def tf_notices(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are TensorFlow's start-up notices."""
+    return [line for line in stderr.splitlines() if any(word.lower() in line.lower() for word in TF_NOISE)]
+
+
 def run_genderrec(args: list[str], **env) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("TF_", "GENDERREC_TF"))}
     return subprocess.run(
@@ -158,12 +163,11 @@ def test_tensorflow_start_up_messages_are_off_unless_asked_for(tiny_bundle):
     quiet = run_genderrec(args)
     assert quiet.returncode == 0, quiet.stderr
     assert "temperature" in quiet.stdout
-    noise = [line for line in quiet.stderr.splitlines() if any(word.lower() in line.lower() for word in TF_NOISE)]
-    assert noise == [], noise
+    assert tf_notices(quiet.stderr) == [], tf_notices(quiet.stderr)
     loud = run_genderrec(args, GENDERREC_TF_LOGS="1")
     # what the switch turns back on (and what was hidden): which notices TensorFlow prints depends on the machine
     # (oneDNN's on the CI machines, only CUDA's cuInit failure on another VM of the same kind, 2026-12-02)
-    assert loud.returncode == 0 and any(word.lower() in loud.stderr.lower() for word in TF_NOISE), loud.stderr
+    assert loud.returncode == 0 and tf_notices(loud.stderr), loud.stderr
 
 
 def test_ray_workers_start_quiet_too(tmp_path):
@@ -192,5 +196,5 @@ def test_ray_workers_start_quiet_too(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keras 3." in result.stdout
     output = result.stdout + result.stderr
-    noise = [line for line in output.splitlines() if any(word.lower() in line.lower() for word in TF_NOISE)]
+    noise = tf_notices(output)
     assert noise == [], noise

@@ -140,7 +140,7 @@ def last_line_of(script: str, extra_env: dict) -> str:
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | extra_env
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=True
     )
     return done.stdout.strip().splitlines()[-1]
 
@@ -174,17 +174,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 16)
 """
 
 
-def test_the_training_worker_environment_stops_page_faults_on_every_step():
-    """A Keras fit over ``keras_input`` faults its tensors in again every step under glibc's defaults; started with
-    ``training.WORKER_ENV`` (as Ray Train starts the workers) it does not."""
+def test_a_training_worker_does_not_fault_its_tensors_in_again_every_step():
+    """Started with ``training.WORKER_ENV`` (as Ray Train starts the workers), a Keras fit over ``keras_input`` does
+    not fault its tensors in afresh every step: when malloc mmaps them anew, ResNet50 at 32x32 faulted about 73,500
+    times a step (docs/train_throughput.md); with the fix, dozens. glibc's defaults alone differ between machines
+    (a CI machine faulted 123 times a step without WORKER_ENV), so only the worker's environment is asserted."""
     from genderrec import training
 
-    def faults_per_step(extra_env: dict) -> float:
-        return float(last_line_of(FAULTS_PER_STEP, extra_env))
-
-    default, tuned = faults_per_step({}), faults_per_step(training.WORKER_ENV)
-    assert default > 10_000, f"glibc's default no longer faults every step ({default:.0f} a step): recheck WORKER_ENV"
-    assert tuned < default / 20, (default, tuned)
+    faults = float(last_line_of(FAULTS_PER_STEP, training.WORKER_ENV))
+    assert faults < 2_000, f"{faults:.0f} minor page faults a step with WORKER_ENV: its tensors are mmapped anew"
 
 
 MMAPPED_CHUNKS = """

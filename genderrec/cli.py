@@ -46,7 +46,10 @@ def init_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         env_vars = {**tflogs.env_vars(), **storage.s3_env_vars()}  # workers on other nodes start quiet too
-        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+        # Every worker quiets TensorFlow as it starts: Ray Train's workers import it (ray.train.tensorflow) before
+        # any genderrec code runs there.
+        runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "genderrec.tflogs.install"}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 
 def cmd_prepare_celeba(args) -> int:

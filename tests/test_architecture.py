@@ -171,18 +171,25 @@ def test_tensorflow_start_up_messages_are_off_unless_asked_for(tiny_bundle):
 
 
 def test_ray_workers_start_quiet_too(tmp_path):
-    """A Ray task that loads TensorFlow through genderrec, its worker's output forwarded to the driver."""
+    """Ray tasks that load TensorFlow, their workers' output forwarded to the driver: one through genderrec, one as
+    Ray Train's workers do (``ray.train.tensorflow`` imports it before any genderrec code runs there)."""
     script = tmp_path / "worker.py"
     script.write_text(
         "import ray\n"
         "from genderrec import cli\n"
         "cli.init_ray()\n"
-        "@ray.remote\n"
+        "@ray.remote(max_calls=1)\n"  # each task in a fresh worker process
         "def load():\n"
         "    from genderrec import models\n"
         "    import keras\n"
         "    return keras.__version__\n"
+        "@ray.remote(max_calls=1)\n"
+        "def load_as_ray_train():\n"
+        "    import ray.train.tensorflow\n"
+        "    import tensorflow\n"
+        "    return tensorflow.__version__\n"
         "print('keras', ray.get(load.remote()))\n"
+        "print('tensorflow', ray.get(load_as_ray_train.remote()))\n"
     )
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("TF_", "GENDERREC_TF"))}
     result = subprocess.run(
@@ -194,7 +201,7 @@ def test_ray_workers_start_quiet_too(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "keras 3." in result.stdout
+    assert "keras 3." in result.stdout and "tensorflow 2." in result.stdout
     output = result.stdout + result.stderr
     noise = tf_notices(output)
     assert noise == [], noise

@@ -147,7 +147,8 @@ class ModelsConfig(_Strict):
     # Evaluate and export each model as the average of its p(male) on the image and on its mirror image
     # (test-time flip augmentation inside the exported model: twice the inference cost).
     flip_average: bool = False
-    pretrain_epochs: int | None = Field(default=None, ge=1)  # attribute pretraining's epochs; unset: training.epochs
+    # Attribute pretraining's epochs, one value or ``{architecture: epochs}`` (key ``default``); unset: training.epochs.
+    pretrain_epochs: int | dict[str, int] | None = None
     # Attribute pretraining augments like the runs only when set: at 40x32 (configs/local.yaml) augmentation left
     # VGG16's pretraining at the attributes' base rates (a frozen-backbone head: val ROC-AUC 0.54 against 0.96).
     pretrain_augment: bool = False
@@ -167,8 +168,18 @@ class ModelsConfig(_Strict):
     def _known_weight_keys(cls, value):
         return _check_architecture_keys(value, "weights")
 
+    @field_validator("pretrain_epochs")
+    @classmethod
+    def _positive_epochs(cls, value):
+        if value is not None and any(epochs < 1 for epochs in (value.values() if isinstance(value, dict) else [value])):
+            raise ValueError(f"pretrain_epochs must be >= 1, got {value}")
+        return _check_architecture_keys(value, "pretrain_epochs")
+
     def weights_for(self, architecture: str) -> str:
         return for_architecture(self.weights, architecture, "imagenet")
+
+    def pretrain_epochs_for(self, architecture: str) -> int | None:
+        return for_architecture(self.pretrain_epochs, architecture, None)
 
     def uses_attributes(self) -> bool:
         """Whether a run needs the manifest's attribute columns (attribute pretraining or auxiliary heads)."""

@@ -330,24 +330,24 @@ def attribute_names(cfg: Config, frame: pd.DataFrame, source: str) -> tuple[str,
     return tuple(manifest.attribute_columns(frame, source, "all" if pretraining else cfg.models.aux_attributes))
 
 
-def pretraining_config(cfg: Config) -> Config:
+def pretraining_config(cfg: Config, architecture: str) -> Config:
     """The recipe of attribute pretraining: the runs' own, for ``models.pretrain_epochs`` when set, early stopping
     on the validation loss (accuracy over 39 attributes sits near their base rates and stopped VGG19 after 4 of 6
     epochs in a make run), without augmentation unless ``models.pretrain_augment`` (docs/local_leaderboard.md)."""
-    update = {"epochs": cfg.models.pretrain_epochs or cfg.training.epochs}
+    update = {"epochs": cfg.models.pretrain_epochs_for(architecture) or cfg.training.epochs}
     if cfg.training.early_stopping:
         update["early_stopping"] = cfg.training.early_stopping.model_copy(update={"monitor": "val_loss"})
     augment = cfg.augment if cfg.models.pretrain_augment else cfg.augment.off()
     return cfg.model_copy(update={"training": cfg.training.model_copy(update=update), "augment": augment})
 
 
-def pretraining_digest(cfg: Config, inputs: train_data.RunInputs) -> str:
+def pretraining_digest(cfg: Config, inputs: train_data.RunInputs, architecture: str) -> str:
     """A hash of what attribute pretraining learns from (the train and val URIs and attribute labels, the crop and
     face alignment) and how (its recipe): with architecture and image size, the key of its weights files."""
     digest = hashlib.sha256()
     for split in train_data.SPLITS:
         digest.update(inputs.rows[split][["image_uri", *inputs.attributes]].to_csv(index=False).encode())
-    recipe = pretraining_config(cfg)
+    recipe = pretraining_config(cfg, architecture)
     parts = [section.model_dump(mode="json") for section in (recipe.training, recipe.augment, recipe.models.head)]
     digest.update(json.dumps([*parts, recipe.data.crop_box, recipe.data.faces, recipe.data.seed]).encode())
     return digest.hexdigest()[:16]
@@ -356,9 +356,11 @@ def pretraining_digest(cfg: Config, inputs: train_data.RunInputs) -> str:
 def pretrain_attributes(cfg: Config, inputs: train_data.RunInputs, run_dir: str) -> dict[str, str]:
     """Each ``attributes`` backbone's weights file, pretrained now (in parallel, through the Tune grid) unless the
     run directory already has it; returns ``{architecture: weights file}``."""
-    digest, (height, width) = pretraining_digest(cfg, inputs), cfg.data.image_size
+    height, width = cfg.data.image_size
     wanted = {
-        name: storage.join(run_dir, PRETRAIN_DIR, f"{name}_{height}x{width}_{digest}.weights.h5")
+        name: storage.join(
+            run_dir, PRETRAIN_DIR, f"{name}_{height}x{width}_{pretraining_digest(cfg, inputs, name)}.weights.h5"
+        )
         for name in cfg.models.architectures
         if cfg.models.weights_for(name) == "attributes"
     }
@@ -366,13 +368,13 @@ def pretrain_attributes(cfg: Config, inputs: train_data.RunInputs, run_dir: str)
     for name in sorted(set(wanted) - set(missing)):
         print(f"attribute pretraining of {name}: reusing {wanted[name]}", flush=True)
     if missing:
-        recipe, storage_path = pretraining_config(cfg), storage.join(run_dir, PRETRAIN_DIR)
+        storage_path = storage.join(run_dir, PRETRAIN_DIR)
 
         def pretrain(params, inputs):
             architecture = params["architecture"]
             uri = missing[architecture]
             summary = run_one(
-                recipe,
+                pretraining_config(cfg, architecture),
                 architecture,
                 "fine_tune",
                 inputs,

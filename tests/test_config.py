@@ -120,9 +120,21 @@ def test_attribute_pretraining_stops_on_validation_loss():
     cfg = parse_config(
         {"data": {"manifest": "m"}, "models": {"pretrain_epochs": 6}, "training": {"epochs": 4, "early_stopping": {}}}
     )
-    recipe = training.pretraining_config(cfg).training
+    recipe = training.pretraining_config(cfg, "vgg16").training
     assert (recipe.epochs, recipe.early_stopping.monitor, recipe.early_stopping.patience) == (6, "val_loss", 5)
     assert cfg.training.early_stopping.monitor == "val_accuracy"  # the runs keep theirs
+
+
+def test_attribute_pretraining_epochs_per_architecture():
+    from genderrec import training
+
+    cfg = parse_config({"data": {"manifest": "m"}, "models": {"pretrain_epochs": {"default": 4, "googlenet": 8}}})
+    epochs = {name: training.pretraining_config(cfg, name).training.epochs for name in ("vgg16", "googlenet")}
+    assert epochs == {"vgg16": 4, "googlenet": 8}
+    assert training.pretraining_config(parse_config({"data": {"manifest": "m"}}), "vgg16").training.epochs == 25
+    for wrong in ({"googlenet": 0}, {"alexnet": 3}, 0):
+        with pytest.raises(ConfigError, match="pretrain_epochs"):
+            parse_config({"data": {"manifest": "m"}, "models": {"pretrain_epochs": wrong}})
 
 
 def test_attribute_pretraining_augments_only_when_asked():
@@ -130,10 +142,12 @@ def test_attribute_pretraining_augments_only_when_asked():
 
     base = {"data": {"manifest": "m"}, "augment": {"rotation_degrees": 10, "shift": 0.1, "zoom": 0.1}}
     cfg = parse_config(base)
-    assert images.augmentation(**training.pretraining_config(cfg).augment.model_dump()) is None
-    assert training.pretraining_config(cfg).augment.shift == 0 and cfg.augment.shift == 0.1  # the runs keep theirs
+    assert images.augmentation(**training.pretraining_config(cfg, "vgg16").augment.model_dump()) is None
+    assert (
+        training.pretraining_config(cfg, "vgg16").augment.shift == 0 and cfg.augment.shift == 0.1
+    )  # the runs keep theirs
     asked = parse_config({**base, "models": {"pretrain_augment": True}})
-    assert training.pretraining_config(asked).augment == asked.augment
+    assert training.pretraining_config(asked, "vgg16").augment == asked.augment
 
 
 def test_data_cache_modes_and_the_old_booleans():

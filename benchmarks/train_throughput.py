@@ -63,7 +63,6 @@ def plain_fit(cfg, frame, pipeline: str) -> list[float]:
         validation_data=validation,
         epochs=cfg.training.epochs,
         steps_per_epoch=steps if pipeline == "ray_data" else None,
-        validation_steps=train_data.steps(len(val), cfg.training.batch_size) if pipeline == "ray_data" else None,
         class_weight=training.class_weights(train["male"]),
         callbacks=[epoch_timer(times)],
         verbose=0,

@@ -191,7 +191,6 @@ def train_run(loop_config: dict) -> dict:
             epochs=cfg.training.epochs,
             initial_epoch=state["epoch"],
             steps_per_epoch=steps_per_epoch,
-            validation_steps=train_data.steps(counts["val"], cfg.training.batch_size) if counts["val"] else None,
             callbacks=[_report_callback(cfg, state)],
             verbose=2,
         )

@@ -1,5 +1,7 @@
 """Training input on a real local Ray: the decoded faces, their order per epoch, and the cache decision."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,43 @@ def test_train_split_streams_in_a_new_order_every_epoch_then_from_its_uint8_cach
     labels = dict(zip(range(24), faces["male"], strict=True))
     for batches, order in zip(epochs, orders, strict=True):
         assert np.concatenate([y for _, y in batches]).tolist() == [labels[index] for index in order]
+
+
+def test_validation_input_is_one_whole_pass_for_each_iterator(ray_session, real_faces):
+    """Keras' ``evaluate`` makes a new iterator every epoch: each reads the split once to its end (streamed, then
+    from the cache it filled), so none is destroyed while still reading ahead."""
+    faces = real_faces.head(12)
+    expected = expected_pixels(faces)
+    val = train_data.SplitBatches(
+        train_data.dataset(faces, TINY_SIZE, decode_cpus=0.05).iterator(),
+        12,
+        TINY_SIZE,
+        5,
+        cache=True,
+        shuffle=False,
+        seed=0,
+    )
+    data = train_data.keras_input(val, TINY_SIZE, endless=False)
+    passes = [positions(((x.numpy().astype(np.uint8), y) for x, y in data), expected) for _ in range(2)]
+    assert val.filled and sorted(passes[0]) == list(range(12)) and passes[1] == passes[0]
+
+
+def test_training_ingest_keeps_the_dataset_order_whatever_the_decode_timing(ray_session):
+    """What reaches the worker follows the (seeded) dataset order, not the order its tasks finish in: a run is
+    reproducible from ``data.seed``."""
+    import ray.data
+
+    def slow_first_blocks(batch: dict) -> dict:  # a decode stand-in: finished in turn, blocks would come in reverse
+        time.sleep(0.1 * (8 - int(batch["id"][0]) // 4))
+        return batch
+
+    ds = ray.data.range(32, override_num_blocks=8).map_batches(slow_first_blocks, batch_size=4, num_cpus=0.1)
+    (shards,) = train_data.data_config().configure(
+        {"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None
+    )
+    for _ in range(2):
+        ids = [int(row["id"]) for row in shards["train"].iter_rows()]
+        assert ids == list(range(32))
 
 
 def test_a_bad_file_fails_the_epoch_naming_it(ray_session, tmp_path, real_faces):

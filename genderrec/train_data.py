@@ -333,9 +333,10 @@ def keras_input(
 
     Training input is ``endless``, one data epoch after another from ``first_epoch``: ``fit`` keeps one iterator and
     takes exactly one pass per epoch from ``steps_per_epoch`` (:func:`steps`), so every pass runs to its end (and
-    fills the cache). Validation input is one pass, to be read without ``validation_steps``: ``evaluate`` makes a new
-    iterator every epoch, and destroying one that was still reading ahead waited up to 50 s with the CPUs idle
-    (a third of the epochs of a 2026-12-03 run took 195 s instead of 140).
+    fills the cache). Validation input is one pass, to be read without ``validation_steps``, and without tf.data's
+    autotuning: ``evaluate`` makes a new iterator every epoch, and destroying the last one waited for its autotune
+    thread's sleep (up to a minute) with the CPUs idle: a third of the epochs of two 2026-12-03 runs took 195 s
+    instead of 140 (gdb: ``~LogicalThreadWrapper`` under ``EpochIterator.reset``, ``Model::OptimizeLoop`` asleep).
     """
     import tensorflow as tf
 
@@ -359,7 +360,12 @@ def keras_input(
         weights = tf.constant([class_weight[0], class_weight[1]], tf.float32)
         male = (lambda y: y) if label_width is None else (lambda y: y[:, 0])
         ds = ds.map(lambda x, y: (x, y, tf.gather(weights, tf.cast(male(y), tf.int32))))
-    return ds.prefetch(PREFETCH_BATCHES)
+    ds = ds.prefetch(PREFETCH_BATCHES)
+    if not endless:
+        options = tf.data.Options()
+        options.autotune.enabled = False  # nothing to tune (a cast, a fixed prefetch)
+        ds = ds.with_options(options)
+    return ds
 
 
 # glibc's mallopt parameter, and the largest threshold it takes (half of its 64 MiB per-thread heaps)

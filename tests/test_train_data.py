@@ -50,7 +50,7 @@ def test_train_split_streams_in_a_new_order_every_epoch_then_from_its_uint8_cach
 
 def test_validation_input_is_one_whole_pass_for_each_iterator(ray_session, real_faces):
     """Keras' ``evaluate`` makes a new iterator every epoch: each reads the split once to its end (streamed, then
-    from the cache it filled), so none is destroyed while still reading ahead."""
+    from the cache it filled)."""
     faces = real_faces.head(12)
     expected = expected_pixels(faces)
     val = train_data.SplitBatches(
@@ -65,6 +65,9 @@ def test_validation_input_is_one_whole_pass_for_each_iterator(ray_session, real_
     data = train_data.keras_input(val, TINY_SIZE, endless=False)
     passes = [positions(((x.numpy().astype(np.uint8), y) for x, y in data), expected) for _ in range(2)]
     assert val.filled and sorted(passes[0]) == list(range(12)) and passes[1] == passes[0]
+    # without autotuning, destroying an iterator does not wait for the tuner's sleep (up to a minute)
+    assert data.options().autotune.enabled is False
+    assert train_data.keras_input(val, TINY_SIZE).options().autotune.enabled is not False
 
 
 def test_training_ingest_keeps_the_dataset_order_whatever_the_decode_timing(ray_session):

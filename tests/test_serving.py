@@ -514,8 +514,10 @@ def test_burst_over_the_queue_bound_gets_503_with_retry_after_and_nothing_hangs(
 
 @contextlib.contextmanager
 def stalled_uploads(base_url: str, count: int):
-    """``count`` uploads that send their headers and then nothing, and one more every 0.2 s while the block runs: each
-    holds a place in the replica or in Serve's queue until the server answers it, so the server stays saturated.
+    """``count`` uploads that send their headers and then nothing: each holds a place in the replica or in Serve's
+    queue until the server answers it, so the server stays saturated while the block runs. A place freed by a time-out
+    is taken back at once by a new upload (the first ``count`` opened together also time out together: a slower
+    refill would leave the replica open for seconds), and one more every 0.2 s finds out that the server is still full.
     Yields the growing list of (socket, monotonic time it was opened) and the event that stops the refill; the
     sockets are closed at the end."""
     import threading
@@ -523,20 +525,33 @@ def stalled_uploads(base_url: str, count: int):
     host, port = base_url.removeprefix("http://").split(":")
     uploads, stop = [], threading.Event()
 
-    def open_one():
+    def open_one() -> socket.socket:
         sock = socket.create_connection((host, int(port)), timeout=60)
         sock.sendall(
             b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\n"
         )
         uploads.append((sock, time.monotonic()))
+        return sock
 
-    def refill():
-        while not stop.wait(0.2):
-            open_one()
+    def freed_a_place(sock: socket.socket) -> bool:
+        """Whether the answer waiting on ``sock`` (peeked, left for the test to read) ended an upload that had a place:
+        anything but Serve's 503, which refuses an upload at the door."""
+        try:
+            return sock.recv(12, socket.MSG_PEEK)[9:12] != b"503"
+        except OSError:  # reset: whatever place it held is free
+            return True
 
-    for _ in range(count):
-        open_one()
-    thread = threading.Thread(target=refill)
+    def refill(unanswered: set[socket.socket]):
+        probed = time.monotonic()
+        while not stop.is_set():
+            answered, _, _ = select.select(list(unanswered), [], [], 0.02)
+            unanswered.difference_update(answered)
+            unanswered.update(open_one() for sock in answered if freed_a_place(sock))
+            if time.monotonic() - probed >= 0.2:
+                unanswered.add(open_one())
+                probed = time.monotonic()
+
+    thread = threading.Thread(target=refill, args=({open_one() for _ in range(count)},))
     thread.start()
     try:
         yield uploads, stop
@@ -582,8 +597,8 @@ def test_saturated_server_503_on_the_page_and_stalled_uploads_time_out(base_url,
             sockets = [sock for sock, _ in uploads]
             readable, _, _ = select.select(sockets, [], [], args.request_timeout_s)
             assert readable, "no stalled upload was refused: they did not fill the replica and the queue"
-            # A place freed between two refills (a stalled upload's time-out) may take the page's upload, which is
-            # then answered: the page tries the next face, up to four.
+            # A place freed by a stalled upload's time-out is taken back within milliseconds; should the page's upload
+            # take it first, it is answered, and the page tries the next face, up to four.
             outcomes = []
             for name, _ in faces[:4]:
                 driver.find_element(By.ID, "file").send_keys(str(celeba_dir / "img_align_celeba" / name))

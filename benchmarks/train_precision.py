@@ -19,7 +19,7 @@ import time
 import keras
 import numpy as np
 
-from genderrec import images, manifest, models, storage, training
+from genderrec import engines, images, manifest, models, storage, training
 from genderrec.config import parse_config
 
 
@@ -79,7 +79,7 @@ def main() -> None:
             "training": {"epochs": args.epochs, "batch_size": 32, "learning_rate": 1e-3, "early_stopping": None},
         }
     )
-    training.configure_threads(args.cpus)
+    engines.limit_tensorflow_threads(args.cpus)
 
     rates: dict[str, list[float]] = {precision: [] for precision in args.precisions}
     errors: dict[str, str] = {}

@@ -210,6 +210,9 @@ class TrainingConfig(_Strict):
     # Keras dtype policy of the training worker. mixed_*: float32 weights, bfloat16/float16 compute, the p_male
     # output layer in float32; mixed_float16 (GPUs) adds loss scaling. The saved model is float32 either way.
     precision: TrainingPrecision = "float32"
+    # Weight initialisation, shuffling and augmentation; unset: data.seed. A second run of one recipe on the same
+    # split takes another training seed (data.seed also draws the split).
+    seed: int | None = None
 
     @field_validator("learning_rate")
     @classmethod
@@ -276,6 +279,11 @@ class Config(_Strict):
     selection: SelectionConfig = SelectionConfig()
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of a run's randomness (``training.seed``, else ``data.seed``)."""
+        return self.data.seed if self.training.seed is None else self.training.seed
 
     @model_validator(mode="after")
     def _pin_is_trained(self):

@@ -158,7 +158,7 @@ def data_config():
     """Ray Train's ``dataset_config``: every run's ingest holds at most ``INGEST_OBJECT_STORE_BYTES`` of blocks, and
     reaches the worker in the dataset's order. Ray Data would otherwise hand over blocks as their decode tasks finish,
     so the first epoch's batches (and the order of the cache, which later epochs permute) would depend on timing, not
-    on ``data.seed``: two runs of one config on 2026-12-03 differed from their first epoch."""
+    on the run's seed: two runs of one config on 2026-12-03 differed from their first epoch."""
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
 
@@ -213,7 +213,7 @@ def prepare(cfg: Config, frame: pd.DataFrame, attributes: tuple[str, ...] = ()) 
     common = {"crop_box": cfg.data.crop_box, "decode_cpus": cfg.data.decode_cpus, "attributes": tuple(attributes)}
     datasets = {
         split: dataset(
-            rows[split], cfg.data.image_size, shuffle_seed=cfg.data.seed if split == "train" else None, **common
+            rows[split], cfg.data.image_size, shuffle_seed=cfg.training_seed if split == "train" else None, **common
         )
         for split in SPLITS
         if len(rows[split])
@@ -406,11 +406,11 @@ def worker_inputs(
     """(train, val) Keras inputs of a training worker from its dataset shards (val ``None`` without val rows)."""
     common = {"image_size": cfg.data.image_size, "batch_size": cfg.training.batch_size, "cache": cache}
     common["targets"] = targets
-    train = SplitBatches(shards["train"], counts["train"], shuffle=True, seed=cfg.data.seed, **common)
+    train = SplitBatches(shards["train"], counts["train"], shuffle=True, seed=cfg.training_seed, **common)
     train_input = keras_input(
         train, cfg.data.image_size, first_epoch=first_epoch, augment=augment, class_weight=class_weight
     )
     if not counts.get("val"):
         return train_input, None
-    val = SplitBatches(shards["val"], counts["val"], shuffle=False, seed=cfg.data.seed, **common)
+    val = SplitBatches(shards["val"], counts["val"], shuffle=False, seed=cfg.training_seed, **common)
     return train_input, keras_input(val, cfg.data.image_size, endless=False)

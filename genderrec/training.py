@@ -144,7 +144,7 @@ def train_run(loop_config: dict) -> dict:
     architecture, mode = loop_config["architecture"], loop_config["mode"]
     targets = train_data.Targets(loop_config["targets"]["male"], tuple(loop_config["targets"]["columns"]))
     engines.limit_tensorflow_threads(loop_config["cpus"])
-    keras.utils.set_random_seed(cfg.data.seed)
+    keras.utils.set_random_seed(cfg.training_seed)
     # This worker process is the run's own. The policy is set before the model is built or loaded: compile wraps the
     # optimizer in a LossScaleOptimizer for mixed_float16, and a resumed run gets its loss-scale state back only so.
     keras.config.set_dtype_policy(cfg.training.precision)
@@ -179,7 +179,7 @@ def train_run(loop_config: dict) -> dict:
             cfg,
             cache=loop_config["cache"],
             first_epoch=state["epoch"],
-            augment=images.augmentation(**cfg.augment.model_dump(), seed=cfg.data.seed),
+            augment=images.augmentation(**cfg.augment.model_dump(), seed=cfg.training_seed),
             targets=targets,
             class_weight={int(label): weight for label, weight in loop_config["class_weight"].items()}
             if loop_config["class_weight"]
@@ -348,7 +348,7 @@ def pretraining_digest(cfg: Config, inputs: train_data.RunInputs, architecture: 
         digest.update(inputs.rows[split][["image_uri", *inputs.attributes]].to_csv(index=False).encode())
     recipe = pretraining_config(cfg, architecture)
     parts = [section.model_dump(mode="json") for section in (recipe.training, recipe.augment, recipe.models.head)]
-    digest.update(json.dumps([*parts, recipe.data.crop_box, recipe.data.faces, recipe.data.seed]).encode())
+    digest.update(json.dumps([*parts, recipe.data.crop_box, recipe.data.faces, recipe.training_seed]).encode())
     return digest.hexdigest()[:16]
 
 

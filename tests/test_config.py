@@ -176,3 +176,10 @@ def test_attribute_pretraining_and_auxiliary_heads_are_config_keys():
     assert not parse_config({"data": {"manifest": "m"}, "models": {"weights": "none"}}).models.uses_attributes()
     with pytest.raises(ConfigError, match="aux_loss_weight"):
         parse_config({"data": {"manifest": "m"}, "models": {"aux_loss_weight": 0}})
+
+
+def test_training_seed_defaults_to_the_split_seed_and_can_differ_from_it():
+    cfg = parse_config({"data": {"manifest": "m.parquet", "seed": 7}})
+    assert cfg.training_seed == 7
+    rerun = parse_config({"data": {"manifest": "m.parquet", "seed": 7}, "training": {"seed": 8}})
+    assert (rerun.data.seed, rerun.training_seed) == (7, 8)
